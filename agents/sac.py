@@ -1,0 +1,352 @@
+"""Multi-task SAC whose actor and critic trunks are built by an mtrl_arch architecture method.
+
+Soft Actor-Critic (Haarnoja et al. 2018) in the multi-task form used for Meta-World
+(Yu et al. 2019; the MT-SAC reference setting): a tanh-Gaussian actor, twin critics as one
+batched ensemble with Polyak-averaged targets, one learnable entropy coefficient per
+task (target entropy -|A|), task-balanced batches. Observations carry the task one-hot.
+
+Every network input is laid out per task, ``[T, B, ...]``: row t holds task t's
+samples, so a task-specific module is one slice of a batched op and the per-task
+gradients of shared modules come from one backward (see mtrl_arch.conflict).
+
+Architecture search (``arch.search_steps`` vector steps, for methods that search):
+weight steps use the training share of the replay, architecture steps the held-out
+share (``arch.val_fraction``) with the critic's TD loss and the actor's loss; then the
+derived trees are instantiated and, with ``arch.retrain=scratch``, trained from freshly
+initialised weights (the replay is kept).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtrl_arch.config import Config
+from mtrl_arch.search import TrunkSpec, make_method
+from mtrl_arch.steps import weight_parameters, weight_step
+from mtrl_arch.tree import Tree
+from mtrl_arch.trunk import Trunk, ensemble_input, ensemble_output, ensemble_stage, linear_stage, mlp_stages
+from mtrl_arch.update import GradientCombiner
+from mtrl_arch.weighting import make_weighting
+
+from .replay import TaskBalancedReplay
+
+N_CRITICS = 2
+
+
+def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """Adam, fused where the build supports it (fastest on the CPUs and GPUs measured)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
+def actor_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "relu") -> TrunkSpec:
+    return TrunkSpec(tuple(tasks), mlp_stages(obs_dim, hidden, activation), linear_stage(hidden[-1], 2 * action_dim, "identity"),
+                     residual=tuple(i > 0 and hidden[i] == hidden[i - 1] for i in range(len(hidden))), name="actor")
+
+
+def critic_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "relu") -> TrunkSpec:
+    stages = [ensemble_stage(f, N_CRITICS) for f in mlp_stages(obs_dim + action_dim, hidden, activation)]
+    head = ensemble_stage(linear_stage(hidden[-1], 1, "identity"), N_CRITICS)
+    return TrunkSpec(tuple(tasks), stages, head,
+                     residual=tuple(i > 0 and hidden[i] == hidden[i - 1] for i in range(len(hidden))), name="critic")
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy over any multi-task network with 2|A| outputs per task."""
+
+    def __init__(self, net: nn.Module, log_std_min: float, log_std_max: float):
+        super().__init__()
+        self.net, self.log_std_min, self.log_std_max = net, log_std_min, log_std_max
+
+    def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mean, log_std = self.net(obs).chunk(2, -1)
+        return mean, log_std.clamp(self.log_std_min, self.log_std_max)
+
+    def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
+        mean, log_std = self(obs)
+        std = log_std.exp()
+        u = mean + std * torch.randn_like(mean)
+        # log N(u) - sum log(1 - tanh(u)^2), the latter written stably as 2(log 2 - u - softplus(-2u))
+        logp = (-0.5 * ((u - mean) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        logp = logp - (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        return torch.tanh(u), logp
+
+    def act(self, obs: Tensor, deterministic: bool) -> Tensor:
+        if deterministic:
+            return torch.tanh(self(obs)[0])
+        return self.sample(obs)[0]
+
+
+class Critic(nn.Module):
+    """Twin Q-functions as one ensemble network: ``q(obs, a) -> [2, T, B]``."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, obs: Tensor, action: Tensor) -> Tensor:
+        x = ensemble_input(torch.cat([obs, action], -1), N_CRITICS)
+        return ensemble_output(self.net(x), N_CRITICS).squeeze(-1)
+
+
+class MTSAC:
+    """Multi-task SAC with stable-baselines3's verbs: ``learn``, ``predict``, ``save``, ``load``."""
+
+    def __init__(self, tasks: tuple[str, ...], obs_dim: int, action_dim: int, config: Config,
+                 device: torch.device | str = "cpu"):
+        self.cfg, self.tasks, self.obs_dim, self.action_dim = config, tuple(tasks), obs_dim, action_dim
+        self.device = torch.device(device)
+        a, T = config.agent, len(tasks)
+        torch.manual_seed(config.seed)
+        critic_hidden = list(a.critic_hidden or config.model.hidden)
+        self.actor_method = make_method(config.arch.method, actor_spec(tasks, obs_dim, action_dim, config.model.hidden,
+                                                                       config.model.activation), config.arch.options, config.seed)
+        self.critic_method = make_method(config.arch.method, critic_spec(tasks, obs_dim, action_dim, critic_hidden,
+                                                                         config.model.activation), config.arch.options, config.seed)
+        self.searching = self.actor_method.searches and config.arch.search_steps > 0
+        self.target_entropy = a.target_entropy or -float(action_dim)
+        self.log_alpha = torch.full((T,), math.log(a.init_alpha), device=self.device, requires_grad=True)
+        self.alpha_opt = make_adam([self.log_alpha], a.alpha_lr)
+        self.replay = TaskBalancedReplay(T, max(1, a.buffer_size // T), obs_dim, action_dim, self.device,
+                                         config.arch.val_fraction if self.searching else 0.0)
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        self.n_updates = 0
+        self.trees: dict[str, Tree] = {}
+        self._build(search=self.searching)
+
+    # ---- networks ---------------------------------------------------------------------------
+    def _combiner(self) -> GradientCombiner:
+        c = self.cfg
+        return GradientCombiner(make_weighting(c.weighting.method, n_tasks=len(self.tasks), **c.weighting.options),
+                                c.arch.conflict_noticed, c.arch.cn_variant, c.arch.track_conflicts_every)
+
+    def _build(self, search: bool, trees: dict[str, Tree] | None = None) -> None:
+        """Search networks while searching; afterwards fixed trunks from the derived (or given) trees."""
+        a = self.cfg.agent
+        if search:
+            actor_net, critic_net = self.actor_method.build(), self.critic_method.build()
+        else:
+            self.trees = trees or {"actor": self.actor_method.derive(), "critic": self.critic_method.derive()}
+            actor_net = Trunk(self.trees["actor"], self.actor_method.spec.stages, self.actor_method.spec.heads)
+            critic_net = Trunk(self.trees["critic"], self.critic_method.spec.stages, self.critic_method.spec.heads)
+        self.actor = Actor(actor_net, a.log_std_min, a.log_std_max).to(self.device)
+        self.critic = Critic(critic_net).to(self.device)
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
+        self._actor_params = weight_parameters(self.actor.net)
+        self._critic_params = weight_parameters(self.critic.net)
+        self.actor_opt = make_adam(self._actor_params, a.lr)
+        self.critic_opt = make_adam(self._critic_params, a.lr)
+        if search:
+            for m in (self.actor_method, self.critic_method):
+                if m.arch_optimizer is not None:  # the method's net moved device: rebuild its optimiser on the same tensors
+                    m.make_arch_optimizer(m.arch_optimizer.defaults["lr"], m.arch_optimizer.defaults["weight_decay"],
+                                          m.arch_optimizer.defaults["betas"])
+        self._online = list(self.critic.parameters())
+        self._target = list(self.critic_target.parameters())
+        self.actor_combiner, self.critic_combiner = self._combiner(), self._combiner()
+
+    def finish_search(self) -> dict[str, Tree]:
+        """Derive both trees and switch to the fixed networks (fresh weights with retrain=scratch)."""
+        self.searching = False
+        old_actor, old_critic = self.actor.state_dict(), self.critic.state_dict()
+        self._build(False, {"actor": self.actor_method.derive(), "critic": self.critic_method.derive()})
+        if self.cfg.arch.retrain == "continue":
+            self._copy_matching(self.actor, old_actor)
+            self._copy_matching(self.critic, old_critic)
+            self.critic_target.load_state_dict(self.critic.state_dict())
+        self.replay.val_every = 0  # every transition trains from now on
+        return self.trees
+
+    @staticmethod
+    def _copy_matching(module: nn.Module, state: dict) -> None:
+        own = module.state_dict()
+        module.load_state_dict({k: (state[k] if k in state and state[k].shape == v.shape else v) for k, v in own.items()})
+
+    # ---- one update -----------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Tensor]:
+        """One SAC update from a task-balanced batch; returns per-task statistics (on device, no sync)."""
+        cfg, a = self.cfg, self.cfg.agent
+        split = "train" if self.searching else "all"
+        b = self.replay.sample(a.batch_per_task, split, self.sample_gen)
+        step = self.n_updates
+        alpha = self.log_alpha.detach().exp()
+        target = self._td_target(b, alpha)
+        critic_losses = weight_step(self.critic.net, b, lambda net, b: self._critic_losses(b, target), self.critic_combiner,
+                                    self.critic_opt, step, a.grad_clip, self.critic_method if self.searching else None)
+        stats: dict[str, Tensor] = {}
+        actor_losses = weight_step(self.actor.net, b, lambda net, b: self._actor_losses(b, alpha, stats), self.actor_combiner,
+                                   self.actor_opt, step, a.grad_clip, self.actor_method if self.searching else None,
+                                   inputs=self._actor_params)
+        alpha_loss = -(self.log_alpha * (stats["logp"] + self.target_entropy)).sum()
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self._target, self._online, a.tau)
+        if self.searching:
+            self._arch_steps(step, alpha)
+        self.n_updates += 1
+        return {"critic_loss": critic_losses, "actor_loss": actor_losses, "alpha": alpha, "entropy": -stats["logp"]}
+
+    @torch.no_grad()
+    def _td_target(self, b: dict[str, Tensor], alpha: Tensor) -> Tensor:
+        next_action, next_logp = self.actor.sample(b["next_obs"])
+        min_qf_next_target = self.critic_target(b["next_obs"], next_action).min(0).values - alpha[:, None] * next_logp
+        return b["reward"] + (1.0 - b["done"]) * self.cfg.agent.gamma * min_qf_next_target
+
+    def _critic_losses(self, b: dict[str, Tensor], target: Tensor) -> Tensor:
+        q = self.critic(b["obs"], b["action"])  # [2, T, B]
+        return ((q - target) ** 2).mean(-1).sum(0)  # per task: qf1_loss + qf2_loss
+
+    def _actor_losses(self, b: dict[str, Tensor], alpha: Tensor, stats: dict) -> Tensor:
+        pi, logp = self.actor.sample(b["obs"])
+        min_qf_pi = self.critic(b["obs"], pi).min(0).values
+        stats["logp"] = logp.detach().mean(-1)
+        return (alpha[:, None] * logp - min_qf_pi).mean(-1)
+
+    def _arch_steps(self, step: int, alpha: Tensor) -> None:
+        """Architecture updates on held-out replay: the critic's TD loss, the actor's loss."""
+        for m in (self.critic_method, self.actor_method):
+            m.on_step(step)
+        if not self.actor_method.phase(step).arch:
+            return
+        v = self.replay.sample(self.cfg.agent.batch_per_task, "val", self.sample_gen)
+        self.critic_method.arch_step(self._critic_losses(v, self._td_target(v, alpha)))
+        self.actor_method.arch_step(self._actor_losses(v, alpha, {}))
+
+    # ---- acting ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool = False) -> np.ndarray:
+        """Actions for one observation per task: ``[T, obs_dim] -> [T, |A|]``."""
+        o = torch.as_tensor(obs, dtype=torch.float32, device=self.device).unsqueeze(1)
+        return self.actor.act(o, deterministic).squeeze(1).cpu().numpy()
+
+    def predict(self, observation: np.ndarray, state: Any = None, episode_start: Any = None,
+                deterministic: bool = True) -> tuple[np.ndarray, None]:
+        """SB3's signature. ``observation``: ``[T, obs_dim]`` (one per task) or ``[T, n, obs_dim]``."""
+        o = torch.as_tensor(np.asarray(observation), dtype=torch.float32, device=self.device)
+        squeeze = o.dim() == 2
+        with torch.no_grad():
+            a = self.actor.act(o.unsqueeze(1) if squeeze else o, deterministic)
+        a = a.squeeze(1) if squeeze else a
+        return a.cpu().numpy(), None
+
+    # ---- bookkeeping -------------------------------------------------------------------------------
+    def param_counts(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for name, net in (("actor", self.actor.net), ("critic", self.critic.net)):
+            if hasattr(net, "param_counts"):
+                out[name] = net.param_counts()
+            else:
+                out[name] = {"total": sum(p.numel() for p in weight_parameters(net))}
+        return out
+
+    def state_dict(self, with_replay: bool = True) -> dict[str, Any]:
+        d = {
+            "searching": self.searching, "n_updates": self.n_updates,
+            "trees": {k: t.to_dict() for k, t in self.trees.items()},
+            "actor": self.actor.state_dict(), "critic": self.critic.state_dict(), "critic_target": self.critic_target.state_dict(),
+            "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+            "log_alpha": self.log_alpha.detach().cpu(), "alpha_opt": self.alpha_opt.state_dict(),
+            "actor_method": self.actor_method.state_dict(), "critic_method": self.critic_method.state_dict(),
+            "actor_combiner": self.actor_combiner.state_dict(), "critic_combiner": self.critic_combiner.state_dict(),
+            "sample_gen": self.sample_gen.get_state(),
+        }
+        if with_replay:
+            d["replay"] = self.replay.state_dict()
+        return d
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if not d["searching"] and self.searching:
+            self.searching = False
+            self._build(False, {k: Tree.from_dict(v) for k, v in d["trees"].items()})
+            self.replay.val_every = 0
+        self.actor.load_state_dict(d["actor"])
+        self.critic.load_state_dict(d["critic"])
+        self.critic_target.load_state_dict(d["critic_target"])
+        self.actor_opt.load_state_dict(d["actor_opt"])
+        self.critic_opt.load_state_dict(d["critic_opt"])
+        with torch.no_grad():
+            self.log_alpha.copy_(d["log_alpha"])
+        self.alpha_opt.load_state_dict(d["alpha_opt"])
+        self.actor_method.load_state_dict(d["actor_method"])
+        self.critic_method.load_state_dict(d["critic_method"])
+        self.actor_combiner.load_state_dict(d["actor_combiner"])
+        self.critic_combiner.load_state_dict(d["critic_combiner"])
+        self.sample_gen.set_state(d["sample_gen"])
+        self.n_updates = d["n_updates"]
+        if "replay" in d:
+            self.replay.load_state_dict(d["replay"])
+
+    # ---- stable-baselines3's verbs ---------------------------------------------------------------------
+    env: Any = None
+    _run: Any = None
+
+    @classmethod
+    def from_env(cls, env: Any, config: Config, device: torch.device | str = "cpu") -> "MTSAC":
+        agent = cls(env.tasks, env.observation_dim, env.action_dim, config, device)
+        agent.env = env
+        return agent
+
+    def get_env(self) -> Any:
+        return self.env
+
+    @property
+    def num_timesteps(self) -> int:
+        return 0 if self._run is None else self._run.num_timesteps
+
+    @property
+    def logger(self) -> Any:
+        return _SB3LoggerShim(self._run)
+
+    def learn(self, total_timesteps: int, callback: Any = None, progress_bar: bool = False,
+              logger: Any = None, run_dir: Any = None) -> "MTSAC":
+        """Train for ``total_timesteps`` environment steps summed over tasks (SB3's meaning, per sub-env)."""
+        from .rl_loop import RLRun
+
+        if self.env is None:
+            raise ValueError("this agent has no environment; build it with MTSAC.from_env(env, config)")
+        if self._run is None:
+            self._run = RLRun(self, self.env, logger, run_dir, progress=progress_bar)
+        self._run.learn(self._run.num_timesteps + total_timesteps, callback)
+        return self
+
+    def save(self, path: str) -> None:
+        torch.save({"format": "mtrl-arch/mtsac", "version": 1, "config": self.cfg.to_dict(), "tasks": list(self.tasks),
+                    "obs_dim": self.obs_dim, "action_dim": self.action_dim, "state": self.state_dict(with_replay=False)}, path)
+
+    @classmethod
+    def load(cls, path: str, env: Any = None, device: torch.device | str = "cpu") -> "MTSAC":
+        from mtrl_arch.config import config_from_dict
+
+        d = torch.load(path, map_location="cpu", weights_only=False)
+        if d.get("format") != "mtrl-arch/mtsac":
+            raise ValueError(f"{path} is not an MTSAC file saved by mtrl-arch")
+        agent = cls(tuple(d["tasks"]), d["obs_dim"], d["action_dim"], config_from_dict(d["config"]), device)
+        agent.load_state_dict(d["state"])
+        agent.env = env
+        return agent
+
+
+class _SB3LoggerShim:
+    """What stable-baselines3 callbacks call on ``model.logger``: recorded values go to our log."""
+
+    def __init__(self, run: Any):
+        self.run = run
+        self.pending: dict[str, Any] = {}
+
+    def record(self, key: str, value: Any, exclude: Any = None) -> None:
+        self.pending[key] = value
+
+    def dump(self, step: int = 0) -> None:
+        if self.run is not None and self.run.logger is not None and self.pending:
+            self.run.logger.log(dict(self.pending), step)
+        self.pending.clear()

@@ -1,0 +1,104 @@
+"""Composition root: a validated config -> environment or data, networks, method, logger, loop.
+
+The only module (with the CLI) that knows every domain; the core below it does not.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import load_latest
+from .config import Config, ConfigError
+from .logger import Logger
+from .run import resolve_device, seed_everything, write_arch, write_run_info
+
+
+def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    from .agents.rl_loop import RLRun
+    from .agents.sac import MTSAC
+    from .envs.metaworld import MetaWorldMT, evaluate, resolve_tasks
+
+    try:
+        tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
+    except ValueError as e:
+        raise ConfigError(f"env.tasks: {e}") from None
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    found = load_latest(run_dir / "checkpoints") if resume else None
+    env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, vector=cfg.env.vector,
+                      max_episode_steps=cfg.env.max_episode_steps or None, reward_version=cfg.env.reward_version)
+    try:
+        env_meta = env.metadata()
+        if found is None:
+            write_run_info(run_dir, cfg, {"env": env_meta})
+        agent = MTSAC.from_env(env, cfg, device)
+        logger = Logger(run_dir, cfg.wandb, {**cfg.to_dict(), "env_metadata": env_meta}, run_dir.name,
+                        resume_step=found[0] if found else (0 if resume else None))
+
+        def on_arch(trees):
+            write_arch(run_dir, trees)
+            for k, t in trees.items():
+                logger.log_text(f"arch/{k}", t.render())
+            logger.log({f"params/{n}/{k}": v for n, c in agent.param_counts().items() for k, v in c.items()},
+                       run.num_timesteps)
+
+        evaluate_fn = lambda policy, k: evaluate(policy, cfg.env.name, tasks, cfg.seed, k,  # noqa: E731
+                                                 env.max_episode_steps, env.benchmark_obj, env.reward_version)
+        run = RLRun(agent, env, logger, run_dir, on_arch, progress, evaluate_fn)
+        if found is not None:
+            run.load_state_dict(found[1])
+            print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at env step {run.num_timesteps}", file=sys.stderr)
+        elif not agent.searching:
+            on_arch(agent.trees)
+        if found is None:
+            logger.log({f"params/{n}/{k}": v for n, c in agent.param_counts().items() for k, v in c.items()}, 0)
+        run.learn(cfg.train.total_env_steps)
+        if not run.stopped_by and not run.final_eval_done:
+            final = run.evaluate(cfg.eval.final_episodes_per_task or None)
+            run.final_eval_done = True
+            logger.summary(final)
+            run.save()
+        agent.save(str(run_dir / "model.pt"))
+        logger.close()
+        return dict(run.last_eval)
+    finally:
+        env.close()
+
+
+def eval_rl(run_dir: Path, episodes: int | None, cfg: Config) -> dict[str, Any]:
+    from .agents.sac import MTSAC
+    from .envs.metaworld import evaluate, resolve_tasks
+
+    model = run_dir / "model.pt"
+    found = None
+    if model.is_file():
+        agent = MTSAC.load(str(model), device=resolve_device(cfg.device))
+    else:
+        found = load_latest(run_dir / "checkpoints")
+        if found is None:
+            raise ConfigError(f"{run_dir} has neither model.pt nor a readable checkpoint to evaluate")
+        tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
+        agent = MTSAC(tasks, 39 + len(tasks), 4, cfg, resolve_device(cfg.device))
+        agent.load_state_dict(found[1]["agent"])
+    res = evaluate(lambda o: agent.act(o, deterministic=True), cfg.env.name, agent.tasks, cfg.seed, episodes,
+                   cfg.env.max_episode_steps or None, None, cfg.env.reward_version)
+    return {"success_rate": res["success_rate"], "mean_success_rate": res["mean_success_rate"],
+            "episodes_per_task": res["episodes_per_task"]}
+
+
+def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    if cfg.domain == "rl":
+        return train_rl(cfg, run_dir, resume, progress)
+    from .agents.supervised import train_supervised
+
+    return train_supervised(cfg, run_dir, resume, progress)
+
+
+def evaluate_run(cfg: Config, run_dir: Path, episodes: int | None) -> dict[str, Any]:
+    if cfg.domain == "rl":
+        return eval_rl(run_dir, episodes, cfg)
+    from .agents.supervised import eval_supervised
+
+    return eval_supervised(cfg, run_dir)
+

@@ -1,0 +1,141 @@
+"""``mtrl-arch``: train | eval | arch | bench | report. Parses, builds, runs; nothing else.
+
+User errors (bad config, missing data, bad run directory) print one line on stderr and
+exit with code 2; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def _train(args) -> int:
+    from .build import train
+    from .run import new_run_dir, read_run_config
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        old, _ = read_run_config(run_dir)
+        cfg = load_config(None, args.overrides, base=old.to_dict())
+        if cfg.arch.method != old.arch.method or cfg.env.tasks != old.env.tasks or cfg.model.hidden != old.model.hidden:
+            raise ConfigError(f"cannot resume {run_dir} with a different arch.method, env.tasks or model.hidden; "
+                              "start a new run instead")
+        from .run import write_run_info
+
+        if args.overrides:  # e.g. a larger train.total_env_steps: record what the run now is
+            write_run_info(run_dir, cfg, {"resumed_with": list(args.overrides)})
+    else:
+        if not args.config:
+            raise ConfigError("give a config name or YAML path (e.g. `mtrl-arch train mt10_quick`), or --resume RUN_DIR")
+        cfg = load_config(args.config, args.overrides)
+        run_dir = new_run_dir(cfg)
+        if (run_dir / "config.yaml").exists():
+            raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    if result:
+        print(json.dumps({k: v for k, v in result.items() if "mean" in k or not k.startswith("eval/return")}, indent=1))
+    return 0
+
+
+def _eval(args) -> int:
+    from .build import evaluate_run
+    from .run import read_run_config
+
+    cfg, _ = read_run_config(Path(args.run_dir))
+    res = evaluate_run(cfg, Path(args.run_dir), args.episodes)
+    print(json.dumps(res, indent=1))
+    return 0
+
+
+def _arch(args) -> int:
+    from .run import read_arch
+
+    trees = read_arch(Path(args.run_dir))
+    if args.json:
+        print(json.dumps({k: t.to_dict() for k, t in trees.items()}, indent=1))
+    else:
+        print("\n\n".join(f"[{k}]\n{t.render()}" for k, t in trees.items()))
+    return 0
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    return bench.main(args.what, args.json, args.options)
+
+
+def _report(args) -> int:
+    from .report import make_report
+
+    out = make_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)
+    print(f"report written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtrl-arch", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train from a config: mtrl-arch train CONFIG [key=value ...]")
+    t.add_argument("config", nargs="?", help="a config name from configs/ (e.g. mt10_quick) or a YAML path")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_env_steps=20000 wandb.mode=disabled")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (overrides may follow)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=_train)
+    e = sub.add_parser("eval", help="evaluate a trained run")
+    e.add_argument("run_dir")
+    e.add_argument("--episodes", type=int, default=None, help="episodes per task (default: the benchmark's protocol)")
+    e.set_defaults(fn=_eval)
+    a = sub.add_parser("arch", help="print a run's derived architecture")
+    a.add_argument("run_dir")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(fn=_arch)
+    b = sub.add_parser("bench", help="benchmarks: trunk | sac-update | stl-vs-mt | env")
+    b.add_argument("what")
+    b.add_argument("options", nargs="*", help="key=value options of the benchmark")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=_bench)
+    r = sub.add_parser("report", help="figures and a summary table for one or more runs")
+    r.add_argument("run_dirs", nargs="+")
+    r.add_argument("--out", help="output folder (default: the first run's report/)")
+    r.set_defaults(fn=_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # `train CONFIG k=v` and `train --resume DIR k=v`: argparse puts the first k=v in config
+    if args.command == "train" and args.config and "=" in args.config:
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+    try:
+        return args.fn(args)
+    except (ConfigError, FileNotFoundError) as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001
+        from .tree import TreeError
+
+        user_errors = (TreeError,)
+        try:
+            from .envs.vision import DataError
+
+            user_errors += (DataError,)
+        except ImportError:
+            pass
+        if isinstance(e, user_errors) and not args.debug:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

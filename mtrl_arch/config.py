@@ -1,0 +1,388 @@
+"""Run configuration: typed dataclasses, YAML files, dotted ``key=value`` overrides.
+
+Everything is checked before anything heavy starts; a bad key, type or value raises
+:class:`ConfigError` with one line naming it and what is valid (the CLI turns it into
+exit code 2). Method-specific options (``arch.options``, ``weighting.options``) are
+checked by the method's own options class.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override; the message is one line."""
+
+
+@dataclass
+class ArchConfig:
+    method: str = "hps"               # hps | stl | manual | conal | conal_pro | ltb | adashare | recon
+    search_steps: int = 0             # architecture-search steps before deriving (RL: vector env steps)
+    retrain: Literal["scratch", "continue"] = "scratch"  # after deriving: retrain from scratch (paper) or keep the searched weights
+    conflict_noticed: bool = False    # withhold a shared group's update on steps where task gradients conflict there
+    cn_variant: Literal["layer", "branch"] = "layer"
+    val_fraction: float = 0.2         # share of data (RL: of the replay) held out for architecture steps
+    track_conflicts_every: int = 0    # measure gradient conflicts every N updates even when nothing needs them (0: never)
+    options: dict = field(default_factory=dict)  # method-specific, see the method's Options class
+
+
+@dataclass
+class WeightingConfig:
+    method: str = "ew"                # ew | rlw | uw | dwa | pcgrad | graddrop | cagrad | mgda | imtl | nash_mtl | gradvac | aligned_mtl
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    hidden: list = field(default_factory=lambda: [400, 400, 400])  # trunk widths (MLP trunks)
+    activation: str = "relu"
+    backbone: str = "mlp"             # supervised: lenet | resnet18 | transformer | segnet ...
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    # RL
+    total_env_steps: int = 20_000_000  # environment steps summed over all tasks (MT10: 2M per task)
+    warmup_steps: int = 2_500         # vector steps of uniform random actions before learning
+    updates_per_step: float = 1.0     # gradient steps per vector env step
+    # supervised
+    epochs: int = 1
+    limit_batches: int = 0            # cap on batches per epoch (0: no cap), for smoke runs
+    batch_size: int = 256
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    momentum: float = 0.9
+    lr_milestones: list = field(default_factory=list)  # epochs at which lr is multiplied by lr_gamma
+    lr_gamma: float = 0.1
+    grad_clip: float = 5.0            # max gradient norm (0: off)
+    amp: bool = False                 # bf16 autocast on CUDA
+    compile: bool = False             # torch.compile the network
+    checkpoint_every: int = 0         # RL: env steps; supervised: epochs (0: only at the end)
+    log_every: int = 1000             # RL: env steps between training-metric lines
+    keep_checkpoints: int = 2
+    save_replay: Literal["auto", "always", "never"] = "auto"  # RL: replay in checkpoints (auto: when under 1 GiB)
+
+
+@dataclass
+class EvalConfig:
+    every_env_steps: int = 500_000    # RL periodic evaluation, in env steps summed over tasks (0: only at the end)
+    episodes_per_task: int = 10       # RL periodic evaluation episodes (final: metaworld's 50 goals unless final_episodes_per_task)
+    final_episodes_per_task: int = 0  # 0: metaworld's protocol (one episode per goal variation, 50 per task)
+    every_epochs: int = 1             # supervised
+
+
+@dataclass
+class EnvConfig:
+    name: str = "MT10"                # MT10 | MT50
+    tasks: list = field(default_factory=list)  # subset by name; empty: all
+    vector: Literal["sync", "async"] = "sync"
+    max_episode_steps: int = 0        # 0: metaworld's default (500)
+    reward_version: str = "v2"
+
+
+@dataclass
+class AgentConfig:
+    """Multi-task SAC (defaults: the MT-SAC reference setting for MT10)."""
+    batch_per_task: int = 128
+    lr: float = 3e-4
+    alpha_lr: float = 3e-4
+    gamma: float = 0.99
+    tau: float = 0.005
+    buffer_size: int = 1_000_000      # transitions in total, split evenly over tasks
+    init_alpha: float = 1.0
+    target_entropy: float = 0.0       # 0: -|A|
+    grad_clip: float = 1.0
+    critic_hidden: list = field(default_factory=list)  # empty: model.hidden
+    log_std_min: float = -20.0
+    log_std_max: float = 2.0
+
+
+@dataclass
+class DataConfig:
+    name: str = ""                    # multi_mnist | multi_fashion | multi_fashion_mnist | celeba | nyuv2 | cityscapes | glue
+    root: str = ""                    # data directory
+    tasks: list = field(default_factory=list)
+    val_fraction: float = 0.1
+    num_workers: int = 0
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "mtrl-arch"
+    entity: str = ""
+    group: str = ""
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    domain: Literal["rl", "supervised"] = "rl"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    run_dir: str = ""                 # default runs/NAME-TIMESTAMP
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- parsing ------------------------------------------------------------------------
+
+# A bare section name set to a string sets that section's ``method`` (``weighting=pcgrad``).
+_SHORTHAND = {"weighting": "method", "arch": "method"}
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hint(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for a in get_args(tp):
+            try:
+                return _coerce(value, a, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key} has the wrong type: {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false; got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key} must be an integer; got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string; got {value!r}")
+        return str(value)
+    if tp is list or origin is list:
+        if value is None:
+            return []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return list(value)
+    if tp is dict or origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping; got {value!r}")
+        return dict(value)
+    return value
+
+
+def _unknown(key: str, valid) -> ConfigError:
+    leaf = key.rsplit(".", 1)[-1]
+    near = difflib.get_close_matches(leaf, list(valid), n=1)
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    hint = f"; did you mean {prefix}{near[0]}?" if near else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (valid here: {', '.join(sorted(valid))})")
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
+    fields = _fields(type(obj))
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in fields:
+            raise _unknown(key, fields)
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if isinstance(v, str) and k in _SHORTHAND:
+                v = {_SHORTHAND[k]: v}
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key} must be a mapping of its fields; got {v!r}")
+            _apply(cur, v, key + ".")
+        elif isinstance(cur, dict) and isinstance(v, dict):
+            cur.update(v)  # option mappings merge, so a.options.x=1 keeps a.options.y
+        else:
+            setattr(obj, k, _coerce(v, _hint(type(obj), k), key))
+
+
+def parse_value(text: str) -> Any:
+    """An override's value: YAML scalars and lists (``[a,b]``); bare words stay strings."""
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def config_dir() -> Path:
+    return Path(str(resources.files("mtrl_arch.configs")))
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        return p
+    cand = config_dir() / f"{name_or_path}.yaml"
+    if cand.is_file():
+        return cand
+    near = difflib.get_close_matches(name_or_path, available_configs(), n=3)
+    hint = f" (did you mean {', '.join(near)}?)" if near else ""
+    raise ConfigError(f"no config named {name_or_path!r}{hint}; give a YAML path or one of: {', '.join(available_configs())}")
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections")
+    base = data.pop("base", None)  # a config may extend another by name
+    if base:
+        merged = load_yaml(resolve_config_path(base))
+        _deep_update(merged, data)
+        return merged
+    return data
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=3)")
+        k, v = item.split("=", 1)
+        if not k:
+            raise ConfigError(f"override {item!r} has no key")
+        out.append((k.strip(), parse_value(v)))
+    return out
+
+
+def load_config(name_or_path: str | None, overrides: list[str] = (), base: dict | None = None) -> Config:
+    """Load a named or path config, apply overrides, validate. Raises ConfigError."""
+    cfg = Config()
+    if base is not None:
+        _apply(cfg, base)
+    if name_or_path:
+        path = resolve_config_path(name_or_path)
+        _apply(cfg, load_yaml(path))
+        if cfg.name == "run":
+            cfg.name = path.stem
+    for k, v in parse_overrides(list(overrides)):
+        _apply(cfg, _nest(k, v))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict[str, Any]) -> Config:
+    cfg = Config()
+    _apply(cfg, d)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-field checks, and method options, before anything heavy."""
+    positive = {
+        "train.lr": cfg.train.lr, "agent.lr": cfg.agent.lr, "agent.alpha_lr": cfg.agent.alpha_lr,
+        "train.batch_size": cfg.train.batch_size, "agent.batch_per_task": cfg.agent.batch_per_task,
+        "agent.buffer_size": cfg.agent.buffer_size, "agent.init_alpha": cfg.agent.init_alpha,
+    }
+    for k, v in positive.items():
+        if not v > 0:
+            raise ConfigError(f"{k} must be positive; got {v}")
+    non_negative = {
+        "train.total_env_steps": cfg.train.total_env_steps, "train.warmup_steps": cfg.train.warmup_steps,
+        "train.epochs": cfg.train.epochs, "train.limit_batches": cfg.train.limit_batches,
+        "train.weight_decay": cfg.train.weight_decay, "train.grad_clip": cfg.train.grad_clip,
+        "train.checkpoint_every": cfg.train.checkpoint_every, "arch.search_steps": cfg.arch.search_steps,
+        "eval.every_env_steps": cfg.eval.every_env_steps, "eval.episodes_per_task": cfg.eval.episodes_per_task,
+        "agent.grad_clip": cfg.agent.grad_clip, "train.updates_per_step": cfg.train.updates_per_step,
+        "env.max_episode_steps": cfg.env.max_episode_steps,
+    }
+    for k, v in non_negative.items():
+        if v < 0:
+            raise ConfigError(f"{k} must be >= 0; got {v}")
+    if not 0.0 < cfg.agent.gamma <= 1.0:
+        raise ConfigError(f"agent.gamma must be in (0, 1]; got {cfg.agent.gamma}")
+    if not 0.0 < cfg.agent.tau <= 1.0:
+        raise ConfigError(f"agent.tau must be in (0, 1]; got {cfg.agent.tau}")
+    if not 0.0 <= cfg.arch.val_fraction < 1.0:
+        raise ConfigError(f"arch.val_fraction must be in [0, 1); got {cfg.arch.val_fraction}")
+    if cfg.train.keep_checkpoints < 1:
+        raise ConfigError("train.keep_checkpoints must be at least 1")
+    if cfg.env.name not in ("MT10", "MT50"):
+        raise ConfigError(f"env.name must be MT10 or MT50; got {cfg.env.name!r}")
+    if not all(isinstance(h, int) and h > 0 for h in cfg.model.hidden):
+        raise ConfigError(f"model.hidden must be a list of positive integers; got {cfg.model.hidden}")
+    # method registries (imported here: config -> search/weighting only for validation)
+    from .search import get_method, parse_options
+    try:
+        method = get_method(cfg.arch.method)
+        parse_options(method, cfg.arch.options)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if method.searches and cfg.arch.search_steps <= 0:
+        raise ConfigError(f"arch.method={cfg.arch.method} searches: set arch.search_steps > 0 (e.g. arch.search_steps=1000)")
+    from . import weighting as W
+    try:
+        W.make_weighting(cfg.weighting.method, n_tasks=2, **cfg.weighting.options)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"weighting: {e}") from None
+
+
+def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:
+    d = cfg.to_dict()
+    if extra:
+        d = {**d, **extra}
+    return yaml.safe_dump(d, sort_keys=False)

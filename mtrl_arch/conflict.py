@@ -1,0 +1,191 @@
+"""Per-task gradients of shared modules, gradient-conflict statistics, the conflict-noticed mask.
+
+A network that takes part exposes ``shared_groups()`` (a list of
+:class:`~mtrl_arch.trunk.ParamGroup`: one module used by two or more tasks) and, for
+the one-backward path, ``capture_requested`` / ``captured_ok`` and banks with
+``CaptureMixin``. Per-task gradients come from one of two paths:
+
+* capture (per-task inputs: RL, mixed-task NLP batches): shared banks run each call on a
+  detached copy of their parameters, so one ordinary backward leaves task t's gradient
+  in row t of the copies. Cost: about one extra weight-gradient, not T backward passes.
+* autograd (a shared input feeding every task, e.g. one image for all tasks): one
+  ``torch.autograd.grad`` per task, retaining the graph (T is small in those settings).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .trunk import ParamGroup
+
+
+def _shared_banks(net: nn.Module, groups: Sequence[ParamGroup]) -> list[nn.Module]:
+    owners = {id(p) for g in groups for p in g.params}
+    return [m for m in net.modules() if getattr(m, "supports_capture", False)
+            and any(id(p) in owners for p in m.parameters(recurse=False))]
+
+
+@contextlib.contextmanager
+def capture_task_grads(net: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Run the forward pass inside this to make per-task gradients available from one backward."""
+    banks = _shared_banks(net, net.shared_groups()) if enabled else []
+    for b in banks:
+        b.captured = []
+    net.capture_requested = enabled
+    try:
+        yield
+    finally:
+        net.capture_requested = False
+
+
+def task_gradients(net: nn.Module, losses: Tensor, groups: Sequence[ParamGroup], total: Tensor,
+                   inputs: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """Backward ``total`` and return per-task gradients ``[T, numel]`` for every group.
+
+    Rows of tasks that do not use a group are zero. ``inputs`` limits the backward to those
+    parameters (e.g. the actor's, so the critic's weight gradients are never computed).
+    On the capture path shared parameters get no ``.grad`` of their own; the caller writes
+    the combined gradient with :func:`write_group_grads`.
+    """
+    T = losses.shape[0]
+    params = list({id(p): p for g in groups for p in g.params}.values())
+    if getattr(net, "captured_ok", False):
+        banks = _shared_banks(net, groups)
+        leaves = [rec[1] for b in banks for rec in b.captured]
+        total.backward(inputs=None if inputs is None else list(inputs) + leaves)
+        full: dict[int, Tensor] = {}
+        for bank in banks:
+            for param, leaf, idx, tasks in bank.captured:
+                if id(param) not in full:
+                    full[id(param)] = leaf.new_zeros(T, *param.shape)
+                dev = leaf.device
+                full[id(param)].index_put_((torch.as_tensor(tasks, device=dev), torch.as_tensor(idx, device=dev)),
+                                           leaf.grad, accumulate=True)
+            bank.captured = []
+        return [torch.cat([(g.view(full[id(p)], 1) if id(p) in full else p.new_zeros(T, g.view(p).numel())).reshape(T, -1)
+                           for p in g.params], 1) for g in groups]
+    rows = []
+    for t in range(T):
+        gs = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)
+        rows.append({id(p): (gp if gp is not None else torch.zeros_like(p)) for p, gp in zip(params, gs)})
+    total.backward(inputs=None if inputs is None else list(inputs))
+    return [torch.stack([torch.cat([g.view(r[id(p)]).reshape(-1) for p in g.params]) for r in rows]) for g in groups]
+
+
+def write_group_grads(groups: Sequence[ParamGroup], combined: Sequence[Tensor]) -> None:
+    """Write one combined gradient vector per group into its parameters' ``.grad``."""
+    for g, vec in zip(groups, combined):
+        offset = 0
+        for p in g.params:
+            shape = g.view(p).shape
+            n = shape.numel()
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            chunk = vec[offset:offset + n].view(shape).to(p.grad.dtype)
+            if g.index is None:
+                p.grad.copy_(chunk)
+            elif isinstance(g.index, int):
+                p.grad[g.index].copy_(chunk)
+            else:
+                p.grad.index_copy_(0, torch.as_tensor(g.index, device=p.device), chunk)
+            offset += n
+
+
+def pair_cosines(G: Tensor) -> Tensor:
+    """Cosine similarity of every task pair (i < j) of the rows of ``G`` [k, n]."""
+    n = G.norm(dim=1).clamp_min(1e-12)
+    cos = (G @ G.T) / (n[:, None] * n[None, :])
+    i, j = torch.triu_indices(G.shape[0], G.shape[0], 1, device=G.device)
+    return cos[i, j]
+
+
+def has_conflict(G: Tensor) -> Tensor:
+    """True where some pair of the rows of ``G`` [k, n] has a negative inner product (0-d bool)."""
+    dots = G @ G.T
+    i, j = torch.triu_indices(G.shape[0], G.shape[0], 1, device=G.device)
+    return (dots[i, j] < 0).any()
+
+
+def conflict_mask(groups: Sequence[ParamGroup], grads: Sequence[Tensor], variant: str = "layer") -> Tensor:
+    """Which groups the conflict-noticed operation withholds this step (bool [n_groups]).
+
+    ``layer``: a group conflicts when two of the tasks using it have gradients with a
+    negative inner product on it. ``branch``: a conflicting group also withholds every
+    later group that shares a task with it (the deeper layers on the same path).
+    """
+    flags = [has_conflict(G[list(g.tasks)]) if len(g.tasks) > 1 else torch.zeros((), dtype=torch.bool, device=G.device)
+             for g, G in zip(groups, grads)]
+    mask = torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool)
+    if variant == "branch" and len(groups) > 1:
+        out = mask.clone()
+        for a, ga in enumerate(groups):
+            for b in range(a):
+                if set(groups[b].tasks) & set(ga.tasks):
+                    out[a] = out[a] | mask[b]
+        mask = out
+    elif variant != "layer":
+        raise ValueError(f"unknown conflict-noticed variant {variant!r}; choose 'layer' or 'branch'")
+    return mask
+
+
+@dataclass
+class ConflictStats:
+    """Running per-group statistics: mean pair cosine, conflict rate, counts below thresholds.
+
+    Kept on the device as tensors; ``summary()`` is the only place that syncs.
+    """
+
+    thresholds: tuple[float, ...] = (0.0,)
+    steps: dict[str, int] = field(default_factory=dict)
+    conflicts: dict[str, Tensor] = field(default_factory=dict)
+    withheld: dict[str, Tensor] = field(default_factory=dict)
+    cos_sum: dict[str, Tensor] = field(default_factory=dict)
+    below: dict[str, Tensor] = field(default_factory=dict)  # [n_thresholds, n_pairs]
+
+    def update(self, groups: Sequence[ParamGroup], grads: Sequence[Tensor], mask: Tensor | None = None) -> None:
+        for k, (g, G) in enumerate(zip(groups, grads)):
+            if len(g.tasks) < 2:
+                continue
+            cos = pair_cosines(G[list(g.tasks)])
+            th = torch.tensor(self.thresholds, device=cos.device)
+            b = (cos[None, :] < th[:, None]).long()
+            if g.name not in self.steps:
+                self.steps[g.name] = 0
+                self.conflicts[g.name] = torch.zeros((), dtype=torch.long, device=cos.device)
+                self.withheld[g.name] = torch.zeros((), dtype=torch.long, device=cos.device)
+                self.cos_sum[g.name] = torch.zeros_like(cos)
+                self.below[g.name] = torch.zeros_like(b)
+            self.steps[g.name] += 1
+            self.conflicts[g.name] += (cos < 0).any().long()
+            if mask is not None:
+                self.withheld[g.name] += mask[k].long()
+            self.cos_sum[g.name] += cos.detach()
+            self.below[g.name] += b
+
+    def summary(self) -> dict[str, float]:
+        """Flat scalars for logging: conflict rate, withheld rate and mean pair cosine per group."""
+        out = {}
+        for name, n in self.steps.items():
+            out[f"conflict/{name}/rate"] = float(self.conflicts[name]) / n
+            out[f"conflict/{name}/withheld"] = float(self.withheld[name]) / n
+            out[f"conflict/{name}/mean_cos"] = float(self.cos_sum[name].mean()) / n
+        return out
+
+    def scores(self, threshold: float) -> dict[str, int]:
+        """Recon's layer score: number of (step, task pair) entries with cosine below ``threshold``."""
+        k = self.thresholds.index(threshold)
+        return {name: int(b[k].sum()) for name, b in self.below.items()}
+
+    def state_dict(self) -> dict:
+        return {"thresholds": self.thresholds, "steps": dict(self.steps),
+                **{f: {k: v.cpu() for k, v in getattr(self, f).items()} for f in ("conflicts", "withheld", "cos_sum", "below")}}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.thresholds = tuple(d["thresholds"])
+        self.steps = dict(d["steps"])
+        for f in ("conflicts", "withheld", "cos_sum", "below"):
+            setattr(self, f, dict(d[f]))

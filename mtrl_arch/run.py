@@ -1,0 +1,121 @@
+"""A run directory: resolved config, seed, versions and git commit; device choice; seeding."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError, config_from_dict, to_yaml
+from .tree import Tree
+
+RUN_FORMAT_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (out.stdout.strip() + ("+dirty" if dirty else "")) if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("mtrl-arch", "torch", "numpy", "gymnasium", "metaworld", "stable-baselines3", "wandb", "mujoco"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def machine() -> dict[str, Any]:
+    info = {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def new_run_dir(cfg: Config) -> Path:
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    return Path("runs") / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def write_run_info(run_dir: Path, cfg: Config, extra: dict[str, Any] | None = None) -> None:
+    """config.yaml holds the resolved config plus how the run was made (seed, versions, commit)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"run": {"format_version": RUN_FORMAT_VERSION, "seed": cfg.seed, "git_commit": git_commit(),
+                    "versions": versions(), "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    **(extra or {})}}
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(to_yaml(cfg, meta))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def read_run_config(run_dir: Path) -> tuple[Config, dict[str, Any]]:
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); give a directory made by `mtrl-arch train`")
+    d = yaml.safe_load(path.read_text()) or {}
+    meta = d.pop("run", {})
+    if int(meta.get("format_version", 0)) > RUN_FORMAT_VERSION:
+        raise ConfigError(f"{run_dir} was written by a newer mtrl-arch (run format {meta.get('format_version')}); upgrade to resume it")
+    try:
+        return config_from_dict(d), meta
+    except ConfigError as e:
+        raise ConfigError(f"{run_dir}/config.yaml does not fit this mtrl-arch version: {e}") from None
+
+
+ARCH_SET_FORMAT = "mtrl-arch/arch-set"
+
+
+def write_arch(run_dir: Path, trees: dict[str, Tree]) -> None:
+    """arch.json: every network's derived tree; arch.txt: the same, rendered."""
+    d = {"format": ARCH_SET_FORMAT, "version": 1, "networks": {k: t.to_dict() for k, t in trees.items()}}
+    (run_dir / "arch.json").write_text(json.dumps(d, indent=1))
+    (run_dir / "arch.txt").write_text("\n\n".join(f"[{k}]\n{t.render()}" for k, t in trees.items()) + "\n")
+
+
+def read_arch(path: Path) -> dict[str, Tree]:
+    if path.is_dir():
+        path = path / "arch.json"
+    if not path.is_file():
+        raise ConfigError(f"no derived architecture at {path}; the run has not finished its search yet")
+    d = json.loads(path.read_text())
+    if d.get("format") == ARCH_SET_FORMAT:
+        return {k: Tree.from_dict(v) for k, v in d["networks"].items()}
+    return {"trunk": Tree.from_dict(d)}

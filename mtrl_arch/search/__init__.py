@@ -1,0 +1,30 @@
+"""Architecture methods, by name. One file per method; see base.py for the interface."""
+from __future__ import annotations
+
+import difflib
+
+from .base import ArchMethod, Phase, TrunkSpec, parse_options
+from .adashare import AdaShare
+from .conal import Conal
+from .conal_pro import ConalPro
+from .fixed import HPS, STL, Manual
+from .ltb import LTB
+from .recon import Recon
+
+REGISTRY: dict[str, type[ArchMethod]] = {m.name: m for m in (HPS, STL, Manual, Conal, ConalPro, LTB, AdaShare, Recon)}
+
+
+def get_method(name: str) -> type[ArchMethod]:
+    if name not in REGISTRY:
+        near = difflib.get_close_matches(name, REGISTRY, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ValueError(f"unknown arch.method {name!r}{hint}; choose from {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+def make_method(name: str, spec: TrunkSpec, options: dict | None = None, seed: int = 0) -> ArchMethod:
+    cls = get_method(name)
+    return cls(spec, parse_options(cls, options), seed=seed)
+
+
+__all__ = ["ArchMethod", "Phase", "TrunkSpec", "REGISTRY", "get_method", "make_method", "parse_options"]

@@ -1,0 +1,152 @@
+"""The architecture-method interface: build a search network, step it, derive a Tree.
+
+An architecture method is one file in this package with one class deriving from
+:class:`ArchMethod`, registered in ``mtrl_arch.search.REGISTRY``. The training loops
+only call the methods below, so adding a method never touches a loop:
+
+* ``build()`` -> the search network: ``forward(x, shared_input=False, aux=None)`` gives
+  per-task outputs ``[T, B, ...]``; ``shared_groups()`` lists the modules used by two or
+  more tasks (what gradient combination and the conflict-noticed operation act on);
+  ``arch_parameters()`` lists architecture parameters (kept out of the weight optimiser).
+* ``phase(step)`` -> which updates a search step makes (weights on training data,
+  architecture on held-out data).
+* ``arch_step(val_losses)`` -> one architecture update from per-task validation losses.
+* ``on_step(step)`` -> schedules (temperatures, curricula).
+* ``observe_task_grads(groups, grads)`` when ``wants_task_grads`` (Recon's statistics).
+* ``derive()`` -> the :class:`~mtrl_arch.tree.Tree` that is retrained from scratch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..trunk import StageFactory, Trunk
+from ..tree import Tree
+
+
+@dataclass
+class TrunkSpec:
+    """What every method needs to know about the network it searches over."""
+
+    tasks: tuple[str, ...]
+    stages: list[StageFactory]
+    heads: StageFactory | None = None
+    residual: tuple[bool, ...] | None = None  # which stages keep their input shape (may be skipped)
+    name: str = "trunk"  # which network of a run this is (actor, critic, trunk): selects it in an arch.json
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.stages)
+
+    def stage_params(self) -> list[int]:
+        """Parameters of one copy of each stage (for closed-form counts)."""
+        return [sum(p.numel() for p in f(1).parameters()) for f in self.stages]
+
+    def head_params(self) -> int:
+        return 0 if self.heads is None else sum(p.numel() for p in self.heads(1).parameters())
+
+
+@dataclass
+class Phase:
+    weights: bool = True
+    arch: bool = False
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class ArchMethod:
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+    searches: ClassVar[bool] = True  # False: derive() is known before any training
+    wants_task_grads: ClassVar[bool] = False
+
+    def __init__(self, spec: TrunkSpec, options: Any = None, seed: int = 0):
+        self.spec = spec
+        self.options = options if options is not None else self.Options()
+        self.seed = seed
+        self.net: nn.Module | None = None
+        self.arch_optimizer: torch.optim.Optimizer | None = None
+
+    # -- to override ------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        """The network trained during search (for non-searching methods: the final one)."""
+        self.net = Trunk(self.derive(), self.spec.stages, self.spec.heads)
+        return self.net
+
+    def phase(self, step: int) -> Phase:
+        return Phase(weights=True, arch=bool(self.arch_parameters()))
+
+    def on_step(self, step: int) -> None:
+        pass
+
+    def regularizer(self) -> Tensor | None:
+        return None
+
+    def observe_task_grads(self, groups, grads) -> None:
+        pass
+
+    def derive(self) -> Tree:
+        raise NotImplementedError
+
+    # -- shared machinery ----------------------------------------------------------------
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.arch_parameters()) if self.net is not None else []
+
+    def make_arch_optimizer(self, lr: float, weight_decay: float, betas=(0.5, 0.999)) -> None:
+        params = self.arch_parameters()
+        self.arch_optimizer = torch.optim.Adam(params, lr=lr, betas=betas, weight_decay=weight_decay) if params else None
+
+    def arch_step(self, val_losses: Tensor) -> None:
+        """First-order architecture update on held-out per-task losses."""
+        if self.arch_optimizer is None:
+            return
+        params = self.arch_parameters()
+        self.arch_optimizer.zero_grad(set_to_none=True)
+        loss = val_losses.mean()
+        reg = self.regularizer()
+        if reg is not None:
+            loss = loss + reg
+        loss.backward(inputs=params)
+        self.arch_optimizer.step()
+
+    def state_dict(self) -> dict:
+        return {"arch_optimizer": None if self.arch_optimizer is None else self.arch_optimizer.state_dict()}
+
+    def load_state_dict(self, d: dict) -> None:
+        if self.arch_optimizer is not None and d.get("arch_optimizer") is not None:
+            self.arch_optimizer.load_state_dict(d["arch_optimizer"])
+
+
+def parse_options(cls: type[ArchMethod], raw: dict[str, Any] | None) -> Any:
+    """Build ``cls.Options`` from a plain dict, refusing unknown keys with the nearest valid name."""
+    raw = dict(raw or {})
+    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+    for k in raw:
+        if k not in fields:
+            near = difflib.get_close_matches(k, fields, n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            valid = ", ".join(sorted(fields)) or "none"
+            raise ValueError(f"unknown option arch.options.{k} for method {cls.name!r}{hint}; valid: {valid}")
+    out = {}
+    for k, v in raw.items():
+        default = fields[k].default
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise ValueError(f"arch.options.{k} must be true or false, got {v!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"arch.options.{k} must be a number, got {v!r}")
+            v = type(default)(v) if not (isinstance(default, int) and isinstance(v, float) and not v.is_integer()) else v
+        out[k] = v
+    return cls.Options(**out)

@@ -1,0 +1,125 @@
+"""CoNAL: conflict-noticed architecture learning (Yue et al., "Learning Conflict-Noticed
+Architecture for Multi-Task Learning", AAAI 2023).
+
+Search space (as in the authors' released NYUv2 code): an all-shared trunk of L stages
+and, for every task, one purely-specific copy of every stage. Task t has architecture
+weights alpha_t over L+1 branch points; branch point b means "shared stages 0..b-1, then
+my own stages b..L-1" (b = 0 fully task-specific, b = L hard sharing)::
+
+    z_t = sum_{b<L} a_t^b * P_t^{b..L-1}(x_b) + a_t^L * x_L,    a_t = softmax(alpha_t)
+
+where x_b is the shared trunk's output after b stages. Each task's private copy of a
+stage is reused by every branch point, so private stage s runs on the (s+1) branches
+that reach it, batched over tasks and branches in one call. ``gumbel=True`` samples
+a_t with hard Gumbel-softmax (straight-through) at temperature ``tau``.
+
+Search alternates a weight step on training data with an alpha step on held-out data
+(first-order bilevel). Defaults from the released code: alpha Adam lr 5e-5, weight decay
+1e-5, alphas initialised equal. (Weights: Adam 1e-4, weight decay 1e-5, clip 5; those
+are training settings in the configs.) The conflict-noticed operation is the training
+loop's ``arch.conflict_noticed`` switch acting on ``shared_groups()``: here one group per
+shared stage, used by every task. Derive: argmax per task (ties go to the more shared
+branch point), drop the unused modules, retrain from scratch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..tree import Tree
+from ..trunk import ParamGroup, call_bank, module_rows
+from .base import ArchMethod, Phase, TrunkSpec
+
+
+@dataclass
+class ConalOptions:
+    lr: float = 5e-5            # architecture optimiser (Adam) learning rate
+    weight_decay: float = 1e-5  # architecture optimiser weight decay
+    gumbel: bool = False        # hard Gumbel-softmax over branch points instead of softmax
+    tau: float = 1.0            # Gumbel temperature
+    arch_every: int = 1         # one alpha step every N weight steps
+
+
+def _per_task(h: Tensor, T: int) -> Tensor:
+    return h.expand(T, *h.shape[1:]) if h.shape[0] == 1 and T > 1 else h
+
+
+class ConalNet(nn.Module):
+    def __init__(self, spec: TrunkSpec, gumbel: bool = False, tau: float = 1.0):
+        super().__init__()
+        T, L = spec.n_tasks, spec.n_stages
+        self.n_tasks, self.n_stages, self.gumbel, self.tau = T, L, gumbel, tau
+        self.shared = nn.ModuleList(f(1) for f in spec.stages)
+        self.private = nn.ModuleList(f(T) for f in spec.stages)
+        self.heads = spec.heads(T) if spec.heads is not None else None
+        self.alpha = nn.Parameter(torch.zeros(T, L + 1))
+        self.capture_requested = False
+        self.captured_ok = False
+
+    def branch_weights(self) -> Tensor:
+        if self.gumbel and self.training:
+            return F.gumbel_softmax(self.alpha, tau=self.tau, hard=True)
+        return self.alpha.softmax(-1)
+
+    def features(self, x: Tensor, shared_input: bool = False, aux: Tensor | None = None) -> Tensor:
+        T, L = self.n_tasks, self.n_stages
+        h = x.unsqueeze(0) if shared_input else x
+        a = None if aux is None else (aux.unsqueeze(0) if shared_input else aux)
+        B = h.shape[1]
+        capture = self.capture_requested and not shared_input
+        self.captured_ok = capture
+        trunk = [h]
+        for s in range(L):
+            h = call_bank(self.shared[s], h, [0] * h.shape[0], a, list(range(T)) if capture else None)
+            trunk.append(h)
+        # private stage s runs on branches 0..s (branch s enters here from the trunk)
+        tasks = list(range(T))
+        p = None
+        for s in range(L):
+            enter = _per_task(trunk[s], T)
+            inp = enter if p is None else torch.cat([p, enter], 1)
+            a_in = None if a is None else _per_task(a, T).repeat(1, s + 1, *([1] * (a.dim() - 2)))
+            p = self.private[s](inp, tasks, a_in)
+        paths = torch.cat([p.reshape(T, L, B, *p.shape[2:]), _per_task(trunk[L], T).unsqueeze(1)], 1)
+        w = self.branch_weights().to(paths.dtype)
+        return (w.view(T, L + 1, *([1] * (paths.dim() - 2))) * paths).sum(1)
+
+    def forward(self, x: Tensor, shared_input: bool = False, aux: Tensor | None = None) -> Tensor:
+        z = self.features(x, shared_input, aux)
+        return self.heads(z, list(range(self.n_tasks))) if self.heads is not None else z
+
+    def shared_groups(self) -> list[ParamGroup]:
+        return [ParamGroup(f"stage{s}", list(self.shared[s].parameters()), module_rows(self.shared[s], 0), range(self.n_tasks))
+                for s in range(self.n_stages)]
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha]
+
+
+class Conal(ArchMethod):
+    name = "conal"
+    Options = ConalOptions
+
+    def build(self) -> nn.Module:
+        self.net = ConalNet(self.spec, self.options.gumbel, self.options.tau)
+        self.make_arch_optimizer(self.options.lr, self.options.weight_decay, betas=(0.9, 0.999))
+        return self.net
+
+    def phase(self, step: int) -> Phase:
+        return Phase(weights=True, arch=step % self.options.arch_every == 0)
+
+    def branch_points(self) -> list[int]:
+        alpha = self.net.alpha.detach()
+        L = alpha.shape[1] - 1
+        # argmax with ties to the more shared (later) branch point
+        return [int(L - torch.argmax(alpha[t].flip(0))) for t in range(alpha.shape[0])]
+
+    def derive(self) -> Tree:
+        probs = self.net.alpha.detach().softmax(-1).cpu()
+        return Tree.from_branch_points(
+            self.spec.tasks, self.spec.n_stages, self.branch_points(), method=self.name,
+            meta={"branch_probs": {n: [round(float(v), 4) for v in probs[t]] for t, n in enumerate(self.spec.tasks)}},
+        )
