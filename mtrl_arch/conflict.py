@@ -43,17 +43,23 @@ def capture_task_grads(net: nn.Module, enabled: bool = True) -> Iterator[None]:
 
 
 def task_gradients(net: nn.Module, losses: Tensor, groups: Sequence[ParamGroup], total: Tensor,
-                   inputs: Sequence[Tensor] | None = None) -> list[Tensor]:
+                   inputs: Sequence[Tensor] | None = None, loss_weights: Tensor | None = None) -> list[Tensor]:
     """Backward ``total`` and return per-task gradients ``[T, numel]`` for every group.
 
     Rows of tasks that do not use a group are zero. ``inputs`` limits the backward to those
     parameters (e.g. the actor's, so the critic's weight gradients are never computed).
     On the capture path shared parameters get no ``.grad`` of their own; the caller writes
-    the combined gradient with :func:`write_group_grads`.
+    the combined gradient with :func:`write_group_grads`. There the backward of ``total``
+    leaves ``w_t * grad loss_t`` in row t, so ``loss_weights`` (``d total / d losses``;
+    computed here when not given) divides it back out: rows are always unweighted.
     """
     T = losses.shape[0]
     params = list({id(p): p for g in groups for p in g.params}.values())
     if getattr(net, "captured_ok", False):
+        if loss_weights is None:
+            (loss_weights,) = torch.autograd.grad(total, losses, retain_graph=True)
+        # a task with zero weight contributes nothing to ``total``: its row stays zero
+        inv_w = torch.where(loss_weights != 0, 1.0 / loss_weights, torch.zeros_like(loss_weights)).detach()
         banks = _shared_banks(net, groups)
         leaves = [rec[1] for b in banks for rec in b.captured]
         total.backward(inputs=None if inputs is None else list(inputs) + leaves)
@@ -66,8 +72,12 @@ def task_gradients(net: nn.Module, losses: Tensor, groups: Sequence[ParamGroup],
                 full[id(param)].index_put_((torch.as_tensor(tasks, device=dev), torch.as_tensor(idx, device=dev)),
                                            leaf.grad, accumulate=True)
             bank.captured = []
-        return [torch.cat([(g.view(full[id(p)], 1) if id(p) in full else p.new_zeros(T, g.view(p).numel())).reshape(T, -1)
-                           for p in g.params], 1) for g in groups]
+        rows = []
+        for g in groups:
+            G = torch.cat([(g.view(full[id(p)], 1) if id(p) in full else p.new_zeros(T, g.view(p).numel())).reshape(T, -1)
+                           for p in g.params], 1)
+            rows.append(inv_w.to(G.dtype)[:, None] * G)
+        return rows
     rows = []
     for t in range(T):
         gs = torch.autograd.grad(losses[t], params, retain_graph=True, allow_unused=True)

@@ -179,6 +179,11 @@ class VmapBank(CaptureMixin, nn.Module):
         fn = lambda p, xi, ai: self._call(p, xi, ai)  # noqa: E731
         return torch.func.vmap(fn, in_dims=(0, 0, None if aux is None else 0))(stacked, x, aux)
 
+    def train(self, mode: bool = True):
+        # the template is not a registered submodule: pass train/eval on (dropout, norms)
+        self._template[0].train(mode)
+        return super().train(mode)
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self._buffers_template = {n: fn(b) for n, b in self._buffers_template.items()}

@@ -42,10 +42,9 @@ class GradientCombiner:
         if not groups:
             total.backward(inputs=None if inputs is None else list(inputs))
             return total.detach()
-        if not self.weighting.needs_task_grads:
-            # what the loss weighting gives each task this step (RLW draws fresh weights per call)
-            (w,) = torch.autograd.grad(total, losses, retain_graph=True)
-        grads = task_gradients(net, losses, groups, total, inputs)
+        # what the loss weighting gives each task this step (RLW draws fresh weights per call)
+        (w,) = torch.autograd.grad(total, losses, retain_graph=True)
+        grads = task_gradients(net, losses, groups, total, inputs, loss_weights=w)
         mask = conflict_mask(groups, grads, self.cn_variant) if self.conflict_noticed else None
         self.stats.update(groups, grads, mask)
         for o in observers:

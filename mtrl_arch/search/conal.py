@@ -68,22 +68,33 @@ class ConalNet(nn.Module):
         T, L = self.n_tasks, self.n_stages
         h = x.unsqueeze(0) if shared_input else x
         a = None if aux is None else (aux.unsqueeze(0) if shared_input else aux)
-        B = h.shape[1]
+        # ensemble banks (SAC's twin critics) keep each member's rows in one block of the
+        # batch dim, so branches are stacked inside each member's block, never across members
+        E = getattr(self.private[0], "ensemble", 1)
+        b = h.shape[1] // E
         capture = self.capture_requested and not shared_input
         self.captured_ok = capture
         trunk = [h]
         for s in range(L):
             h = call_bank(self.shared[s], h, [0] * h.shape[0], a, list(range(T)) if capture else None)
             trunk.append(h)
+
+        def members(t: Tensor, n: int = 1) -> Tensor:  # [T, E*n*b, ...] -> [T, E, n*b, ...]
+            return t.reshape(T, E, n * b, *t.shape[2:])
+
         # private stage s runs on branches 0..s (branch s enters here from the trunk)
         tasks = list(range(T))
         p = None
         for s in range(L):
             enter = _per_task(trunk[s], T)
-            inp = enter if p is None else torch.cat([p, enter], 1)
-            a_in = None if a is None else _per_task(a, T).repeat(1, s + 1, *([1] * (a.dim() - 2)))
+            inp = enter if p is None else torch.cat([members(p, s), members(enter)], 2).flatten(1, 2)
+            a_in = None
+            if a is not None:
+                ma = members(_per_task(a, T)).unsqueeze(2)
+                a_in = ma.expand(T, E, s + 1, *ma.shape[3:]).reshape(T, E * (s + 1) * b, *ma.shape[4:])
             p = self.private[s](inp, tasks, a_in)
-        paths = torch.cat([p.reshape(T, L, B, *p.shape[2:]), _per_task(trunk[L], T).unsqueeze(1)], 1)
+        p = p.reshape(T, E, L, b, *p.shape[2:]).transpose(1, 2).reshape(T, L, E * b, *p.shape[2:])
+        paths = torch.cat([p, _per_task(trunk[L], T).unsqueeze(1)], 1)
         w = self.branch_weights().to(paths.dtype)
         return (w.view(T, L + 1, *([1] * (paths.dim() - 2))) * paths).sum(1)
 
