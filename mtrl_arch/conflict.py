@@ -127,6 +127,8 @@ def conflict_mask(groups: Sequence[ParamGroup], grads: Sequence[Tensor], variant
     negative inner product on it. ``branch``: a conflicting group also withholds every
     later group that shares a task with it (the deeper layers on the same path).
     """
+    if variant not in ("layer", "branch"):
+        raise ValueError(f"unknown conflict-noticed variant {variant!r}; choose 'layer' or 'branch'")
     flags = [has_conflict(G[list(g.tasks)]) if len(g.tasks) > 1 else torch.zeros((), dtype=torch.bool, device=G.device)
              for g, G in zip(groups, grads)]
     mask = torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool)
@@ -137,8 +139,6 @@ def conflict_mask(groups: Sequence[ParamGroup], grads: Sequence[Tensor], variant
                 if set(groups[b].tasks) & set(ga.tasks):
                     out[a] = out[a] | mask[b]
         mask = out
-    elif variant != "layer":
-        raise ValueError(f"unknown conflict-noticed variant {variant!r}; choose 'layer' or 'branch'")
     return mask
 
 

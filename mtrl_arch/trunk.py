@@ -177,7 +177,7 @@ class VmapBank(CaptureMixin, nn.Module):
             return y.view(C, B, *y.shape[1:])
         stacked = {n: self.gather(p, idx) for n, p in zip(self._names, self.params)}
         fn = lambda p, xi, ai: self._call(p, xi, ai)  # noqa: E731
-        return torch.func.vmap(fn, in_dims=(0, 0, None if aux is None else 0))(stacked, x, aux)
+        return torch.func.vmap(fn, in_dims=(0, 0, None if aux is None else 0), randomness="different")(stacked, x, aux)
 
     def train(self, mode: bool = True):
         # the template is not a registered submodule: pass train/eval on (dropout, norms)
