@@ -1,27 +1,59 @@
 """Atomic, checksummed checkpoints; the newest readable one wins.
 
-Written as ``ckpt-<step>.pt`` through a temporary file (write, flush, fsync, rename),
-with a SHA-256 of the payload stored beside it in ``ckpt-<step>.sha256``. Loading
-checks the sum and falls back to the previous checkpoint when the newest is damaged.
+A checkpoint is one file, ``ckpt-<step>.pt``: a fixed-size JSON header (format, version,
+step, payload size, SHA-256 of the payload, caller's ``meta``) followed by the
+``torch.save`` payload. It is written to a hidden temporary file in the same folder
+(write, flush, fsync), renamed over the final name (atomic on POSIX) and the folder is
+fsynced, so a crash or SIGKILL at any moment leaves either the old set of checkpoints or
+the new one, never a half-written file under a checkpoint's name. One file with the sum
+inside (not a ``.sha256`` beside it) means there is no window in which sum and payload
+disagree.
+
+Loading checks size and checksum; a damaged or truncated newest checkpoint is reported
+in one line on stderr and the previous one is used. The newest ``keep`` checkpoints are
+kept. A failed write (full disk, I/O error) raises :class:`CheckpointWriteError` and
+removes only its own temporary file: the previous checkpoints are untouched.
+
+Public API (shared by the RL and supervised loops): :func:`save_checkpoint`,
+:func:`load_latest`, :func:`read_checkpoint`, :func:`read_header`, :func:`rng_state`,
+:func:`set_rng_state`, :func:`assert_finite`, and the errors below.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
+FORMAT = "mtrl-arch/checkpoint"
+VERSION = 1
+HEADER_SIZE = 4096  # bytes; JSON padded with spaces, ends in a newline
+
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that cannot be read (damaged, truncated, wrong format)."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (e.g. disk full); the previous ones are intact."""
+
+
+class CheckpointVersionError(CheckpointError):
+    """A checkpoint written by a newer mtrl-arch (not damage: never skipped silently)."""
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or parameter became NaN/inf; the run stops and keeps its last good checkpoint."""
+
+
+# ---- RNG --------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -35,58 +67,171 @@ def set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+# ---- finiteness -------------------------------------------------------------------------------
+def assert_finite(named: Iterable[tuple[str, torch.Tensor]], where: str, what: str = "parameter") -> None:
+    """Raise :class:`NonFiniteError` naming the first non-finite tensor.
+
+    One fused reduction per call (norms of all tensors at once), so the check costs one
+    device sync, not one per tensor.
+    """
+    named = [(n, t) for n, t in named if t.is_floating_point() and t.numel()]
+    if not named:
+        return
+    norms = torch._foreach_norm([t.detach() for _, t in named])
+    ok = torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]))
+    if bool(ok.all()):
+        return
+    bad = named[int((~ok).nonzero()[0])][0]
+    raise NonFiniteError(f"non-finite {what} {bad} {where}")
+
+
+# ---- files ------------------------------------------------------------------------------------
 def _steps(folder: Path) -> list[int]:
-    return sorted(int(p.stem.split("-")[1]) for p in folder.glob("ckpt-*.pt") if p.stem.split("-")[1].isdigit())
+    out = []
+    for p in folder.glob("ckpt-*.pt"):
+        s = p.name[len("ckpt-"):-len(".pt")]
+        if s.isdigit():
+            out.append(int(s))
+    return sorted(out)
 
 
-def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
-    path = folder / f"ckpt-{step}.pt"
-    tmp = folder / f".ckpt-{step}.pt.tmp"
+def checkpoint_path(folder: str | Path, step: int) -> Path:
+    return Path(folder) / f"ckpt-{int(step)}.pt"
+
+
+class _HashingWriter:
+    """File wrapper that hashes and counts what torch.save writes (no second pass, no copy)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.sha.update(b)
+        self.size += len(b)
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _fsync_dir(folder: Path) -> None:
     try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep: int = 2,
+                    meta: dict[str, Any] | None = None) -> Path:
+    """Write ``state`` atomically as ``folder/ckpt-<step>.pt``; keep the newest ``keep``.
+
+    ``meta`` (small, JSON-serialisable) goes into the header, readable without loading the
+    payload (:func:`read_header`): the loops put the config fields a resume must match there.
+    """
+    folder = Path(folder)
+    path = checkpoint_path(folder, step)
+    tmp = folder / f".ckpt-{int(step)}.pt.{os.getpid()}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(".ckpt-*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
         with open(tmp, "wb") as f:
-            f.write(data)
+            f.write(b" " * HEADER_SIZE)
+            w = _HashingWriter(f)
+            torch.save(state, w)
+            header = json.dumps({"format": FORMAT, "version": VERSION, "step": int(step), "size": w.size,
+                                 "sha256": w.sha.hexdigest(), "meta": meta or {}}).encode()
+            if len(header) >= HEADER_SIZE:
+                raise ValueError(f"checkpoint meta too large for the {HEADER_SIZE}-byte header")
+            f.seek(0)
+            f.write(header + b" " * (HEADER_SIZE - len(header) - 1) + b"\n")
             f.flush()
             os.fsync(f.fileno())
-        sum_tmp = folder / f".ckpt-{step}.sha256.tmp"
-        sum_tmp.write_text(digest)
-        os.replace(sum_tmp, folder / f"ckpt-{step}.sha256")
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write checkpoint {path} ({e.strerror}); the previous checkpoints are intact") from None
-    dfd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-    for old in _steps(folder)[:-keep]:
-        (folder / f"ckpt-{old}.pt").unlink(missing_ok=True)
-        (folder / f"ckpt-{old}.sha256").unlink(missing_ok=True)
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and not isinstance(e, CheckpointError)):
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+            raise CheckpointWriteError(f"could not write checkpoint {path} ({why}); "
+                                       "the previous checkpoints are intact") from None
+        raise
+    _fsync_dir(folder)
+    for old in _steps(folder)[:-keep] if keep > 0 else []:
+        checkpoint_path(folder, old).unlink(missing_ok=True)
     return path
 
 
-def _read(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    sum_file = path.with_suffix(".sha256")
-    if not sum_file.exists() or hashlib.sha256(data).hexdigest() != sum_file.read_text().strip():
+def read_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a checkpoint (format, version, step, size, sha256, meta)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_SIZE)
+    try:
+        if len(raw) < HEADER_SIZE:
+            raise ValueError
+        h = json.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint {path} is damaged (unreadable header)") from None
+    if h.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not an mtrl-arch checkpoint (format {h.get('format')!r})")
+    if int(h.get("version", 0)) > VERSION:
+        raise CheckpointVersionError(f"checkpoint {path} has format version {h.get('version')}, newer than this "
+                              f"mtrl-arch reads ({VERSION}); upgrade mtrl-arch to resume it")
+    return h
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(header, state)`` of one checkpoint; :class:`CheckpointError` if it is damaged."""
+    path = Path(path)
+    h = read_header(path)
+    with open(path, "rb") as f:
+        f.seek(HEADER_SIZE)
+        data = f.read()
+    if len(data) != h["size"]:
+        raise CheckpointError(f"checkpoint {path} is damaged (truncated: {len(data)} of {h['size']} bytes)")
+    if hashlib.sha256(data).hexdigest() != h["sha256"]:
         raise CheckpointError(f"checkpoint {path} is damaged (checksum mismatch)")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - a sum that holds over an unloadable payload: a bug or another version
+        raise CheckpointError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    return h, state
 
 
-def load_latest(folder: str | Path) -> tuple[int, dict[str, Any]] | None:
-    """The newest checkpoint whose checksum holds; damaged ones are reported and skipped."""
+def load_latest(folder: str | Path, quarantine: bool = False) -> tuple[int, dict[str, Any]] | None:
+    """The newest checkpoint that reads back intact, as ``(step, state)``; None if there is none.
+
+    Damaged ones are reported (one line each on stderr) and skipped. ``quarantine=True``
+    (used when resuming) renames them to ``*.damaged`` so that they are kept for inspection
+    but never counted among the ``keep`` newest again.
+    """
+    found = load_latest_with_header(folder, quarantine)
+    return None if found is None else (found[0], found[2])
+
+
+def load_latest_with_header(folder: str | Path, quarantine: bool = False
+                            ) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """Like :func:`load_latest`, with the header: ``(step, header, state)``."""
     folder = Path(folder)
+    if not folder.is_dir():
+        return None
     for step in reversed(_steps(folder)):
+        path = checkpoint_path(folder, step)
         try:
-            return step, _read(folder / f"ckpt-{step}.pt")
-        except CheckpointError as e:
-            print(f"warning: {e}; falling back to the previous checkpoint", file=sys.stderr)
-        except Exception as e:  # noqa: BLE001 - unreadable pickle
-            print(f"warning: checkpoint ckpt-{step}.pt unreadable ({type(e).__name__}); falling back", file=sys.stderr)
+            h, state = read_checkpoint(path)
+            return step, h, state
+        except CheckpointVersionError:
+            raise
+        except (CheckpointError, OSError) as e:
+            msg = str(e) if isinstance(e, CheckpointError) else f"checkpoint {path} unreadable ({e.strerror})"
+            where = f"; moved to {path.name}.damaged" if quarantine else ""
+            print(f"warning: {msg}{where}; falling back to the previous checkpoint", file=sys.stderr)
+            if quarantine:
+                os.replace(path, path.with_name(path.name + ".damaged"))
     return None

@@ -61,7 +61,8 @@ class Logger:
             self._wandb = wandb.init(
                 project=cfg.project, entity=cfg.entity or None, group=cfg.group or None, tags=list(cfg.tags) or None,
                 mode=cfg.mode, dir=str(self.run_dir), name=name, config=config, id=self._wandb_id(),
-                resume="allow", settings=wandb.Settings(console="off", x_disable_stats=True),
+                resume="allow", settings=wandb.Settings(console="off", x_disable_stats=True,
+                                                        init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 30))),
             )
         except Exception as e:  # noqa: BLE001 - W&B must never stop training
             self._warn(f"W&B unavailable ({type(e).__name__}: {str(e).splitlines()[0][:160]}); keeping local logs only")
@@ -115,15 +116,52 @@ class Logger:
         self._file.flush()
         os.fsync(self._file.fileno())
 
-    def close(self) -> None:
+    def position(self) -> int:
+        """Bytes of metrics.jsonl written so far (flushed and fsynced): a checkpoint stores it."""
         self.flush()
-        self._file.close()
+        return self._file.tell()
+
+    def rewind(self, pos: int) -> None:
+        """Cut metrics.jsonl back to ``pos`` (a checkpoint's :meth:`position`) on resume.
+
+        Everything logged after the checkpoint was taken is dropped and will be logged again
+        by the resumed run, so no step appears twice or goes missing.
+        """
+        self._file.flush()
+        size = os.fstat(self._file.fileno()).st_size
+        if size < pos:  # the OS lost lines the checkpoint had seen written (power loss): keep what is there
+            print(f"warning: {self.path} is shorter ({size} bytes) than when the checkpoint was taken ({pos})",
+                  file=sys.stderr)
+            return
+        self._file.truncate(pos)
+        self.flush()
+
+    def close(self, wandb_timeout: float = 60.0) -> None:
+        """Flush the local log; finish W&B in the background, waiting at most ``wandb_timeout`` s.
+
+        An online run with the network gone can block in ``finish`` (uploading) for minutes;
+        the local files are already complete, so a slow W&B never holds the process.
+        """
+        if not self._file.closed:
+            self.flush()
+            self._file.close()
         if self._wandb is not None:
-            try:
-                self._wandb.finish()
-            except Exception:  # noqa: BLE001
-                pass
-            self._wandb = None
+            import threading
+
+            run, self._wandb = self._wandb, None
+            t = threading.Thread(target=_finish_quietly, args=(run,), daemon=True)
+            t.start()
+            t.join(wandb_timeout)
+            if t.is_alive():
+                self._warn(f"W&B did not finish within {wandb_timeout:.0f} s; local logs are complete, "
+                           f"`wandb sync {self.run_dir / 'wandb'}` uploads later")
+
+
+def _finish_quietly(run: Any) -> None:
+    try:
+        run.finish()
+    except Exception:  # noqa: BLE001 - W&B must never stop training
+        pass
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -135,3 +173,38 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
     return out
+
+
+def read_wandb_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The history rows of every W&B run file under ``run_dir/wandb`` (offline runs included).
+
+    Reads W&B's transaction log (``run-<id>.wandb``: a 7-byte ``:W&B`` header, then 32 KiB
+    blocks of LevelDB-log records, each a serialised ``wandb_internal_pb2.Record``) without
+    a network or a W&B server; wandb itself no longer ships a Python reader for it.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    rows = []
+    for f in sorted(Path(run_dir).glob("wandb/*run-*/run-*.wandb")):
+        data = f.read_bytes()
+        if data[:4] != b":W&B":
+            continue
+        pos, block, chunks = 7, 32768, b""
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a record header is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            payload = data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind == 0:
+                break
+            chunks = payload if kind in (1, 2) else chunks + payload  # FULL/FIRST start, MIDDLE/LAST append
+            if kind in (1, 4):
+                rec = wandb_internal_pb2.Record()
+                rec.ParseFromString(chunks)
+                if rec.WhichOneof("record_type") == "history":
+                    rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+    return rows
