@@ -4,6 +4,7 @@ The only module (with the CLI) that knows every domain; the core below it does n
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
     env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, vector=cfg.env.vector,
                       max_episode_steps=cfg.env.max_episode_steps or None, reward_version=cfg.env.reward_version)
     try:
+        logger = None
         env_meta = env.metadata()
         if found is None:
             write_run_info(run_dir, cfg, {"env": env_meta})
@@ -53,16 +55,17 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
             on_arch(agent.trees)
         if found is None:
             logger.log({f"params/{n}/{k}": v for n, c in agent.param_counts().items() for k, v in c.items()}, 0)
-        run.learn(cfg.train.total_env_steps)
-        if not run.stopped_by and not run.final_eval_done:
-            final = run.evaluate(cfg.eval.final_episodes_per_task or None)
-            run.final_eval_done = True
+        with run.signals():  # SIGINT/SIGTERM: checkpoint, flush, return (exit 0)
+            run.learn(cfg.train.total_env_steps)
+            final = run.final_evaluate(cfg.eval.final_episodes_per_task or None)
+        if final is not None:  # finished (not stopped): the final model, written atomically
             logger.summary(final)
-            run.save()
-        agent.save(str(run_dir / "model.pt"))
-        logger.close()
+            agent.save(str(run_dir / "model.pt.tmp"))
+            os.replace(run_dir / "model.pt.tmp", run_dir / "model.pt")
         return dict(run.last_eval)
     finally:
+        if logger is not None:
+            logger.close()
         env.close()
 
 
@@ -91,14 +94,16 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     if cfg.domain == "rl":
         return train_rl(cfg, run_dir, resume, progress)
     from .agents.supervised import train_supervised
+    from .envs.supervised import make_adapter
 
-    return train_supervised(cfg, run_dir, resume, progress)
+    return train_supervised(cfg, run_dir, resume, progress, make_adapter)
 
 
 def evaluate_run(cfg: Config, run_dir: Path, episodes: int | None) -> dict[str, Any]:
     if cfg.domain == "rl":
         return eval_rl(run_dir, episodes, cfg)
     from .agents.supervised import eval_supervised
+    from .envs.supervised import make_adapter
 
-    return eval_supervised(cfg, run_dir)
+    return eval_supervised(cfg, run_dir, make_adapter)
 

@@ -95,6 +95,12 @@ def _steps(folder: Path) -> list[int]:
     return sorted(out)
 
 
+def list_steps(folder: str | Path) -> list[int]:
+    """Steps of the checkpoints in ``folder``, oldest first (damaged ones included until read)."""
+    folder = Path(folder)
+    return _steps(folder) if folder.is_dir() else []
+
+
 def checkpoint_path(folder: str | Path, step: int) -> Path:
     return Path(folder) / f"ckpt-{int(step)}.pt"
 

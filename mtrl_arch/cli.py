@@ -1,7 +1,11 @@
 """``mtrl-arch``: train | eval | arch | bench | report. Parses, builds, runs; nothing else.
 
-User errors (bad config, missing data, bad run directory) print one line on stderr and
-exit with code 2; ``--debug`` shows the traceback instead.
+Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint;
+2 user error (bad config, missing or damaged data, bad or incompatible run directory or
+checkpoint); 3 training diverged (a non-finite loss or parameter; the last good checkpoint
+is kept); 4 a checkpoint could not be written (e.g. disk full; the previous ones are
+intact); 1 anything unexpected (with a traceback). Exit codes 2-4 print one line on
+stderr and no traceback; ``--debug`` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -11,6 +15,19 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_config
+
+EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_CHECKPOINT_WRITE = 2, 3, 4
+
+
+def _preflight(cfg) -> None:
+    """Cheap checks that need a domain module (task names), before any run directory is touched."""
+    if cfg.domain == "rl":
+        from .envs.metaworld import resolve_tasks
+
+        try:
+            resolve_tasks(cfg.env.name, cfg.env.tasks or None)
+        except ValueError as e:
+            raise ConfigError(f"env.tasks: {e}") from None
 
 
 def _train(args) -> int:
@@ -35,6 +52,7 @@ def _train(args) -> int:
         run_dir = new_run_dir(cfg)
         if (run_dir / "config.yaml").exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
+    _preflight(cfg)
     print(f"run directory: {run_dir}", file=sys.stderr)
     result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     if result:
@@ -109,32 +127,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value pairs may also follow flags (`train mt10_quick --no-progress seed=1`)
+    if extra:
+        target = {"train": "overrides", "bench": "options"}.get(args.command)
+        if target is None or not all("=" in x and not x.startswith("-") for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, target, [*getattr(args, target), *extra])
     # `train CONFIG k=v` and `train --resume DIR k=v`: argparse puts the first k=v in config
     if args.command == "train" and args.config and "=" in args.config:
         args.overrides = [args.config, *args.overrides]
         args.config = None
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except Exception as e:  # noqa: BLE001
-        from .tree import TreeError
+        code = _exit_code(e)
+        if code is None or args.debug:
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
+        return code
 
-        user_errors = (TreeError,)
-        try:
-            from .envs.vision import DataError
 
-            user_errors += (DataError,)
-        except ImportError:
-            pass
-        if isinstance(e, user_errors) and not args.debug:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+def _exit_code(e: BaseException) -> int | None:
+    """The exit code of a known failure, None for a bug (which keeps its traceback)."""
+    from .checkpoint import CheckpointError, CheckpointWriteError, NonFiniteError
+    from .tree import TreeError
+
+    if isinstance(e, NonFiniteError):
+        return EXIT_DIVERGED
+    if isinstance(e, CheckpointWriteError):
+        return EXIT_CHECKPOINT_WRITE
+    user_errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, TreeError, CheckpointError)
+    try:
+        from .envs.vision import DataError
+
+        user_errors += (DataError,)
+    except ImportError:
+        pass
+    return EXIT_USER_ERROR if isinstance(e, user_errors) else None
 
 
 if __name__ == "__main__":

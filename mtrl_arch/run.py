@@ -90,7 +90,13 @@ def read_run_config(run_dir: Path) -> tuple[Config, dict[str, Any]]:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); give a directory made by `mtrl-arch train`")
-    d = yaml.safe_load(path.read_text()) or {}
+    try:
+        d = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is damaged (not valid YAML: {str(e).splitlines()[0][:120]}); "
+                          "a run directory holds the config.yaml that `mtrl-arch train` wrote") from None
+    if not isinstance(d, dict) or not isinstance(d.get("run", {}), dict):
+        raise ConfigError(f"{path} is damaged (expected a mapping of config sections plus a `run:` record)")
     meta = d.pop("run", {})
     if int(meta.get("format_version", 0)) > RUN_FORMAT_VERSION:
         raise ConfigError(f"{run_dir} was written by a newer mtrl-arch (run format {meta.get('format_version')}); upgrade to resume it")
@@ -98,6 +104,43 @@ def read_run_config(run_dir: Path) -> tuple[Config, dict[str, Any]]:
         return config_from_dict(d), meta
     except ConfigError as e:
         raise ConfigError(f"{run_dir}/config.yaml does not fit this mtrl-arch version: {e}") from None
+
+
+# Config fields that fix the shapes and meaning of what a checkpoint holds: a resume must match them.
+RESUME_KEYS = ("domain", "env.name", "env.tasks", "env.max_episode_steps", "arch.method", "arch.options",
+               "arch.val_fraction", "model.hidden", "model.activation", "model.backbone", "model.options",
+               "agent.critic_hidden", "agent.buffer_size", "data.name", "data.tasks", "weighting.method")
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def resume_key(cfg: Config) -> dict[str, Any]:
+    """What a checkpoint records about the config and code that wrote it (see :func:`check_resume_key`)."""
+    try:
+        version = metadata.version("mtrl-arch")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"run_format": RUN_FORMAT_VERSION, "mtrl_arch": version,
+            "config": {k: _get(cfg, k) for k in RESUME_KEYS}}
+
+
+def check_resume_key(saved: dict[str, Any] | None, cfg: Config, where: str) -> None:
+    """ConfigError (one line) when the checkpoint ``where`` was made by an incompatible config or version."""
+    if not saved:
+        return
+    if int(saved.get("run_format", 0)) > RUN_FORMAT_VERSION:
+        raise ConfigError(f"{where} was written by a newer mtrl-arch ({saved.get('mtrl_arch')}, run format "
+                          f"{saved.get('run_format')}); upgrade mtrl-arch to resume it")
+    old = saved.get("config", {})
+    diff = [f"{k}={old[k]!r} (now {_get(cfg, k)!r})" for k in RESUME_KEYS if k in old and old[k] != _get(cfg, k)]
+    if diff:
+        raise ConfigError(f"cannot resume from {where}: it was made with {'; '.join(diff)}; "
+                          "resume with the run's own config or start a new run")
 
 
 ARCH_SET_FORMAT = "mtrl-arch/arch-set"
@@ -115,7 +158,13 @@ def read_arch(path: Path) -> dict[str, Tree]:
         path = path / "arch.json"
     if not path.is_file():
         raise ConfigError(f"no derived architecture at {path}; the run has not finished its search yet")
-    d = json.loads(path.read_text())
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is damaged (not valid JSON: {e}); expected the arch.json that "
+                          "`mtrl-arch train` writes: {\"format\": \"mtrl-arch/arch-set\", \"networks\": {name: tree}}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} is damaged (expected a JSON object)")
     if d.get("format") == ARCH_SET_FORMAT:
         return {k: Tree.from_dict(v) for k, v in d["networks"].items()}
     return {"trunk": Tree.from_dict(d)}
