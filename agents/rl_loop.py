@@ -325,18 +325,30 @@ class RLRun:
         if self.logger is not None:
             self.logger.log(out, self.num_timesteps)
 
-    def evaluate(self, episodes_per_task: int | None) -> dict[str, float]:
+    def evaluate(self, episodes_per_task: int | None, interruptible: bool = False) -> dict[str, float]:
         if self.evaluate_fn is None:
             raise ValueError("no evaluation function was given to this run")
-        res = self.evaluate_fn(lambda o: self.agent.act(o, deterministic=True), episodes_per_task)
-        out = {f"eval/success_rate/{t}": v for t, v in res["success_rate"].items()}
-        out["eval/success_rate/mean"] = res["mean_success_rate"]
-        out.update({f"eval/return/{t}": v for t, v in res["return"].items()})
-        out["eval/episodes_per_task"] = res["episodes_per_task"]
+
+        def policy(o):
+            if interruptible and self.stop_flag.get("stop"):
+                raise StopRequested
+            return self.agent.act(o, deterministic=True)
+
+        res = self.evaluate_fn(policy, episodes_per_task)
+        out = eval_lines(res)
         self.last_eval = out
         if self.logger is not None:
             self.logger.log(out, self.num_timesteps)
         return out
+
+
+def eval_lines(res: dict) -> dict[str, float]:
+    """metrics.jsonl keys of one evaluation (:func:`mtrl_arch.envs.metaworld.evaluate`'s result)."""
+    out = {f"eval/success_rate/{t}": v for t, v in res["success_rate"].items()}
+    out["eval/success_rate/mean"] = res["mean_success_rate"]
+    out.update({f"eval/return/{t}": v for t, v in res["return"].items()})
+    out["eval/episodes_per_task"] = res["episodes_per_task"]
+    return out
 
 
 def _updates_now(rate: float, step: int) -> int:

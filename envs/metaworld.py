@@ -215,6 +215,22 @@ def _make_sub_env(
     return env
 
 
+def make_task_env(benchmark: str, task: str, seed: int = 0, max_episode_steps: int | None = None,
+                  reward_version: str | None = None, benchmark_obj: Any | None = None) -> gym.Env:
+    """One task of a benchmark as a plain gymnasium env (39-d obs, no one-hot), for single-task agents.
+
+    Same goals, wrappers, episode length and reward version as the task's sub-env in
+    :class:`MetaWorldMT` (goal drawn at random among the 50 at each reset).
+    """
+    name = _canonical_benchmark(benchmark)
+    (task,) = resolve_tasks(name, [task])
+    bench = benchmark_obj if benchmark_obj is not None else make_benchmark(name, seed)
+    cls = bench.train_classes[task]
+    return _make_sub_env(cls, [g for g in bench.train_tasks if g.env_name == task], seed, 0, 1,
+                         int(max_episode_steps or cls.max_path_length), False,
+                         str(reward_version or default_reward_version()), False, "random")
+
+
 class MetaWorldMT:
     """Vector env over the chosen tasks: one sub-env per task (env ``i`` runs ``tasks[i]``).
 

@@ -26,7 +26,12 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
         raise ConfigError(f"env.tasks: {e}") from None
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
-    found = load_latest(run_dir / "checkpoints") if resume else None
+    if cfg.agent.algo == "sb3_stl":
+        return _train_sb3_stl(cfg, run_dir, tasks, device, resume, progress)
+    found = load_latest(run_dir / "checkpoints", quarantine=True) if resume else None
+    if resume and found is None:
+        print(f"warning: {run_dir}/checkpoints holds no readable checkpoint; starting the run from the beginning",
+              file=sys.stderr)
     env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, vector=cfg.env.vector,
                       max_episode_steps=cfg.env.max_episode_steps or None, reward_version=cfg.env.reward_version)
     try:
@@ -69,12 +74,35 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
         env.close()
 
 
+def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, progress: bool) -> dict[str, Any]:
+    from .agents.sb3_baseline import train_sb3_stl
+    from .envs.metaworld import MetaWorldMT
+
+    # the settings record of the same tasks; each SB3 agent sees its task's 39-d obs without the one-hot
+    meta_env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, max_episode_steps=cfg.env.max_episode_steps or None,
+                           reward_version=cfg.env.reward_version, one_hot=False)
+    env_meta = meta_env.metadata()
+    meta_env.close()
+    if not resume:
+        write_run_info(run_dir, cfg, {"env": env_meta})
+    return train_sb3_stl(cfg, run_dir, tasks, str(device), resume, progress, env_meta)
+
+
 def eval_rl(run_dir: Path, episodes: int | None, cfg: Config) -> dict[str, Any]:
     from .agents.sac import MTSAC
     from .envs.metaworld import evaluate, resolve_tasks
 
     model = run_dir / "model.pt"
     found = None
+    if cfg.agent.algo == "sb3_stl":
+        from .agents.sb3_baseline import load_sb3_policy
+
+        tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
+        policy = load_sb3_policy(run_dir, tasks, str(resolve_device(cfg.device)))
+        res = evaluate(policy.act, cfg.env.name, tasks, cfg.seed, episodes, cfg.env.max_episode_steps or None,
+                       None, cfg.env.reward_version, one_hot=False)
+        return {"success_rate": res["success_rate"], "mean_success_rate": res["mean_success_rate"],
+                "episodes_per_task": res["episodes_per_task"]}
     if model.is_file():
         agent = MTSAC.load(str(model), device=resolve_device(cfg.device))
     else:

@@ -79,7 +79,11 @@ class EvalConfig:
     every_env_steps: int = 500_000    # RL periodic evaluation, in env steps summed over tasks (0: only at the end)
     episodes_per_task: int = 10       # RL periodic evaluation episodes (final: metaworld's 50 goals unless final_episodes_per_task)
     final_episodes_per_task: int = 0  # 0: metaworld's protocol (one episode per goal variation, 50 per task)
-    every_epochs: int = 1             # supervised
+    every_epochs: int = 1             # supervised: evaluate every N epochs (and after the last)
+    limit_batches: int = 0            # supervised: cap on evaluation batches per split (0: all), for smoke runs
+    batch_size: int = 0               # supervised: evaluation batch size (0: train.batch_size)
+    baseline: dict = field(default_factory=dict)  # supervised: single-task test results {task: {metric: value}} for Delta_m
+    baseline_run: str = ""            # supervised: an STL run directory whose last evaluation is the Delta_m baseline
 
 
 @dataclass
@@ -94,6 +98,7 @@ class EnvConfig:
 @dataclass
 class AgentConfig:
     """Multi-task SAC (defaults: the MT-SAC reference setting for MT10)."""
+    algo: Literal["mtsac", "sb3_stl"] = "mtsac"  # sb3_stl: one stable-baselines3 SAC per task (the paper's baseline)
     batch_per_task: int = 128
     lr: float = 3e-4
     alpha_lr: float = 3e-4
@@ -318,8 +323,17 @@ def load_config(name_or_path: str | None, overrides: list[str] = (), base: dict 
         _apply(cfg, load_yaml(path))
         if cfg.name == "run":
             cfg.name = path.stem
-    for k, v in parse_overrides(list(overrides)):
+    pairs = parse_overrides(list(overrides))
+    file_method = cfg.arch.method
+    for k, v in pairs:
         _apply(cfg, _nest(k, v))
+    if cfg.arch.method != file_method:
+        # the file's arch.options belong to the file's method (`mt10_conal arch.method=hps` must work):
+        # keep only the options given on the command line
+        cfg.arch.options = {}
+        for k, v in pairs:
+            if k == "arch.options" or k.startswith("arch.options."):
+                _apply(cfg, _nest(k, v))
     validate(cfg)
     return cfg
 
@@ -365,6 +379,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"env.name must be MT10 or MT50; got {cfg.env.name!r}")
     if not all(isinstance(h, int) and h > 0 for h in cfg.model.hidden):
         raise ConfigError(f"model.hidden must be a list of positive integers; got {cfg.model.hidden}")
+    if cfg.agent.algo == "sb3_stl" and cfg.arch.method != "stl":
+        raise ConfigError(f"agent.algo=sb3_stl trains one network per task: set arch.method=stl (got {cfg.arch.method!r})")
     # method registries (imported here: config -> search/weighting only for validation)
     from .search import get_method, parse_options
     try:

@@ -1,0 +1,108 @@
+"""Multi-task SAC: one update, per-task alpha, task-balanced replay, save/load, every method in RL."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mtrl_arch.agents.replay import TaskBalancedReplay
+from mtrl_arch.agents.sac import MTSAC
+from mtrl_arch.config import load_config
+
+TASKS = ("reach-v3", "push-v3", "pick-place-v3")
+OBS, ACT = 39 + len(TASKS), 4
+
+
+def make_cfg(*overrides: str):
+    return load_config("mt10_quick", ["model.hidden=[32,32]", "agent.batch_per_task=16", "agent.buffer_size=3000",
+                                      "arch.method=hps", "arch.search_steps=0", "wandb.mode=disabled", "device=cpu",
+                                      *overrides])
+
+
+def filled(agent: MTSAC, n: int = 300, seed: int = 0) -> MTSAC:
+    rng = np.random.default_rng(seed)
+    T = len(agent.tasks)
+    for _ in range(n):
+        obs = rng.normal(size=(T, OBS)).astype(np.float32)
+        agent.replay.add(obs, rng.uniform(-1, 1, (T, ACT)), rng.normal(size=T), obs + 0.01, np.zeros(T))
+    return agent
+
+
+def test_one_update_changes_every_network_and_losses_are_finite() -> None:
+    agent = filled(MTSAC(TASKS, OBS, ACT, make_cfg()))
+    before = {k: {n: p.detach().clone() for n, p in getattr(agent, k).named_parameters()} for k in ("actor", "critic")}
+    target_before = {n: p.clone() for n, p in agent.critic_target.named_parameters()}
+    out = agent.train_step()
+    for k, v in out.items():
+        assert torch.isfinite(torch.as_tensor(v)).all(), k
+    for k in ("actor", "critic"):
+        for n, p in getattr(agent, k).named_parameters():
+            assert not torch.equal(p, before[k][n]), f"{k}.{n} did not change"
+    # Polyak: target <- (1 - tau) target + tau online
+    tau = agent.cfg.agent.tau
+    for n, p in agent.critic_target.named_parameters():
+        online = dict(agent.critic.named_parameters())[n]
+        torch.testing.assert_close(p, (1 - tau) * target_before[n] + tau * online.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target, direction", [(10.0, 1), (-50.0, -1)])
+def test_each_task_alpha_moves_toward_its_target_entropy(target: float, direction: int) -> None:
+    """Entropy below the target raises alpha; above it lowers alpha -- for every task separately."""
+    agent = filled(MTSAC(TASKS, OBS, ACT, make_cfg(f"agent.target_entropy={target}")))
+    before = agent.log_alpha.detach().clone()
+    for _ in range(3):
+        agent.train_step()
+    moved = torch.sign(agent.log_alpha.detach() - before)
+    assert moved.tolist() == [direction] * len(TASKS)
+
+
+def test_task_balanced_replay_and_held_out_split() -> None:
+    T, cap = 4, 100
+    r = TaskBalancedReplay(T, cap, 3, 2, val_fraction=0.2)
+    for i in range(150):  # wraps around
+        obs = np.stack([[t, i, 0] for t in range(T)]).astype(np.float32)
+        r.add(obs, np.zeros((T, 2)), np.zeros(T), obs, np.zeros(T))
+    g = torch.Generator().manual_seed(0)
+    for split in ("all", "train", "val"):
+        b = r.sample(64, split, g)
+        assert b["obs"].shape == (T, 64, 3)
+        # every batch holds the same number of samples of each task, each from its own task
+        assert (b["obs"][:, :, 0] == torch.arange(T)[:, None]).all()
+    slot_of = lambda step: step % cap  # noqa: E731 - where transition `step` lives after wrap-around
+    val = r.sample(500, "val", g)["obs"][:, :, 1].long()
+    train = r.sample(500, "train", g)["obs"][:, :, 1].long()
+    assert (slot_of(val) % r.val_every == 0).all() and (slot_of(train) % r.val_every != 0).all()
+
+
+def test_save_load_gives_identical_predictions(tmp_path) -> None:
+    agent = filled(MTSAC(TASKS, OBS, ACT, make_cfg()))
+    agent.train_step()
+    path = tmp_path / "model.pt"
+    agent.save(str(path))
+    back = MTSAC.load(str(path))
+    obs = np.random.default_rng(1).normal(size=(len(TASKS), OBS)).astype(np.float32)
+    a1, _ = agent.predict(obs, deterministic=True)
+    a2, _ = back.predict(obs, deterministic=True)
+    np.testing.assert_array_equal(a1, a2)
+    assert a1.shape == (len(TASKS), ACT) and np.abs(a1).max() <= 1
+
+
+@pytest.mark.parametrize("method, options", [
+    ("conal", []), ("conal_pro", ["arch.options.steps_per_stage=2"]), ("ltb", ["arch.options.total_steps=6"]),
+    ("adashare", ["arch.options.warmup_steps=2", "arch.options.weight_steps=1", "arch.options.policy_steps=1"]),
+    ("recon", []),
+])
+def test_every_method_searches_derives_and_retrains_in_rl(method: str, options: list[str]) -> None:
+    cfg = make_cfg(f"arch.method={method}", "arch.search_steps=6", "arch.conflict_noticed=true", *options)
+    agent = filled(MTSAC(TASKS, OBS, ACT, cfg))
+    assert agent.searching
+    for _ in range(6):
+        out = agent.train_step()
+        assert all(torch.isfinite(torch.as_tensor(v)).all() for v in out.values())
+    trees = agent.finish_search()
+    assert set(trees) == {"actor", "critic"} and not agent.searching
+    for name, tree in trees.items():
+        assert tree.tasks == TASKS and tree.n_stages == 2
+        counts = agent.param_counts()[name]
+        assert counts["total"] == sum(p.numel() for p in getattr(agent, name).net.parameters())
+    agent.train_step()
