@@ -41,7 +41,7 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
             write_run_info(run_dir, cfg, {"env": env_meta})
         agent = MTSAC.from_env(env, cfg, device)
         logger = Logger(run_dir, cfg.wandb, {**cfg.to_dict(), "env_metadata": env_meta}, run_dir.name,
-                        resume_step=found[0] if found else (0 if resume else None))
+                        resume_step=found[0] if found else (-1 if resume else None))
 
         def on_arch(trees):
             write_arch(run_dir, trees)

@@ -110,11 +110,16 @@ class _HashingWriter:
 
     def __init__(self, f):
         self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self.error: OSError | None = None  # torch re-raises write errors without their errno; keep it
 
     def write(self, b) -> int:
         self.sha.update(b)
         self.size += len(b)
-        return self.f.write(b)
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -143,6 +148,7 @@ def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep: 
     folder = Path(folder)
     path = checkpoint_path(folder, step)
     tmp = folder / f".ckpt-{int(step)}.pt.{os.getpid()}.tmp"
+    w = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.glob(".ckpt-*.tmp"):  # left by a process killed mid-write
@@ -161,7 +167,12 @@ def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep: 
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if w is not None and w.error is not None:
+            e = w.error
         if isinstance(e, OSError) or (isinstance(e, RuntimeError) and not isinstance(e, CheckpointError)):
             why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
             raise CheckpointWriteError(f"could not write checkpoint {path} ({why}); "
