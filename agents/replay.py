@@ -24,11 +24,18 @@ class TaskBalancedReplay:
             capacity = max(self.val_every, capacity - capacity % self.val_every)
         self.T, self.capacity, self.device = n_tasks, capacity, torch.device(device)
         T, d = n_tasks, self.device
-        self.obs = torch.zeros(T, capacity, obs_dim, device=d)
-        self.action = torch.zeros(T, capacity, action_dim, device=d)
-        self.reward = torch.zeros(T, capacity, device=d)
-        self.next_obs = torch.zeros(T, capacity, obs_dim, device=d)
-        self.done = torch.zeros(T, capacity, device=d)
+        # one row of every field side by side in a single tensor: a batch is one gather, and
+        # obs and action are adjacent, so the critic's input [obs, action] is a slice
+        widths = {"obs": obs_dim, "action": action_dim, "reward": 1, "next_obs": obs_dim, "done": 1}
+        self._cols: dict[str, slice] = {}
+        c = 0
+        for name in self.FIELDS:
+            self._cols[name] = slice(c, c + widths[name])
+            c += widths[name]
+        self.storage = torch.zeros(T, capacity, c, device=d)
+        for name in self.FIELDS:  # views into storage, by field
+            v = self.storage[..., self._cols[name]]
+            setattr(self, name, v.squeeze(-1) if widths[name] == 1 and name in ("reward", "done") else v)
         self.pos = 0
         self.size = 0
         self._rows = torch.arange(T, device=d)[:, None]
@@ -36,8 +43,9 @@ class TaskBalancedReplay:
     def add(self, obs, action, reward, next_obs, done) -> None:
         """One transition per task: arrays with leading dim T (numpy or torch)."""
         p = self.pos
-        for name, v in zip(self.FIELDS, (obs, action, reward, next_obs, done)):
-            getattr(self, name)[:, p] = torch.as_tensor(v, dtype=torch.float32).to(self.device, non_blocking=True)
+        row = torch.cat([torch.as_tensor(v, dtype=torch.float32).reshape(self.T, -1)
+                         for v in (obs, action, reward, next_obs, done)], 1)
+        self.storage[:, p] = row.to(self.device, non_blocking=True)  # one host-to-device copy per step
         self.pos = (p + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
@@ -55,9 +63,14 @@ class TaskBalancedReplay:
         """``n_per_task`` transitions from every task: tensors ``[T, n, ...]``.
 
         ``split``: ``all``, ``train`` (held-out slots excluded) or ``val`` (held-out only).
+        The fields are views into one gathered tensor; ``obs_action`` is ``[obs, action]``.
         """
         idx = self._slots(n_per_task, split, generator)
-        return {name: getattr(self, name)[self._rows, idx] for name in self.FIELDS}
+        rows = self.storage[self._rows, idx]  # [T, n, width]: one gather for every field
+        out = {name: rows[..., self._cols[name]] for name in self.FIELDS}
+        out["reward"], out["done"] = out["reward"].squeeze(-1), out["done"].squeeze(-1)
+        out["obs_action"] = rows[..., self._cols["obs"].start:self._cols["action"].stop]
+        return out
 
     def state_dict(self) -> dict:
         n = self.size

@@ -17,6 +17,7 @@ initialised weights (the replay is kept).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Any
@@ -34,6 +35,7 @@ from mtrl_arch.trunk import Trunk, ensemble_input, ensemble_output, ensemble_sta
 from mtrl_arch.update import GradientCombiner
 from mtrl_arch.weighting import make_weighting
 
+from .ensemble import EnsembleTrunk
 from .replay import TaskBalancedReplay
 
 N_CRITICS = 2
@@ -52,11 +54,20 @@ def actor_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "
                      residual=tuple(i > 0 and hidden[i] == hidden[i - 1] for i in range(len(hidden))), name="actor")
 
 
+def critic_member_stages(obs_dim: int, action_dim: int, hidden, activation: str = "relu"):
+    """One critic's stage factories and head factory (the ensemble is added by the caller)."""
+    return mlp_stages(obs_dim + action_dim, hidden, activation), linear_stage(hidden[-1], 1, "identity")
+
+
 def critic_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "relu") -> TrunkSpec:
-    stages = [ensemble_stage(f, N_CRITICS) for f in mlp_stages(obs_dim + action_dim, hidden, activation)]
-    head = ensemble_stage(linear_stage(hidden[-1], 1, "identity"), N_CRITICS)
-    return TrunkSpec(tuple(tasks), stages, head,
+    stages, head = critic_member_stages(obs_dim, action_dim, hidden, activation)
+    return TrunkSpec(tuple(tasks), [ensemble_stage(f, N_CRITICS) for f in stages], ensemble_stage(head, N_CRITICS),
                      residual=tuple(i > 0 and hidden[i] == hidden[i - 1] for i in range(len(hidden))), name="critic")
+
+
+def full_precision(x: Tensor) -> Tensor:
+    """fp32 for the half-precision outputs of autocast regions; other dtypes unchanged."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 class Actor(nn.Module):
@@ -67,7 +78,7 @@ class Actor(nn.Module):
         self.net, self.log_std_min, self.log_std_max = net, log_std_min, log_std_max
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
-        mean, log_std = self.net(obs).chunk(2, -1)
+        mean, log_std = full_precision(self.net(obs)).chunk(2, -1)  # the Gaussian's maths never in bf16
         return mean, log_std.clamp(self.log_std_min, self.log_std_max)
 
     def sample(self, obs: Tensor) -> tuple[Tensor, Tensor]:
@@ -86,15 +97,27 @@ class Actor(nn.Module):
 
 
 class Critic(nn.Module):
-    """Twin Q-functions as one ensemble network: ``q(obs, a) -> [2, T, B]``."""
+    """Twin Q-functions as one ensemble network: ``q(obs, a) -> [2, T, B]``.
+
+    ``net`` is a search network with :class:`~mtrl_arch.trunk.EnsembleBank` stages (inputs
+    ``[T, 2B, ...]``, the member inside each task's rows) or, once the architecture is fixed,
+    an :class:`~mtrl_arch.agents.ensemble.EnsembleTrunk` (member-major throughout, no copies
+    between stages). Both hold the same parameters in the same layout.
+    """
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
+        self.member_major = getattr(net, "ensemble_members", False)
 
     def forward(self, obs: Tensor, action: Tensor) -> Tensor:
-        x = ensemble_input(torch.cat([obs, action], -1), N_CRITICS)
-        return ensemble_output(self.net(x), N_CRITICS).squeeze(-1)
+        return self.q(torch.cat([obs, action], -1))
+
+    def q(self, obs_action: Tensor) -> Tensor:
+        """Both members' Q-values from the concatenated input ``[T, B, |S|+|A|]``."""
+        if self.member_major:
+            return full_precision(self.net(obs_action)).squeeze(-1)
+        return full_precision(ensemble_output(self.net(ensemble_input(obs_action, N_CRITICS)), N_CRITICS)).squeeze(-1)
 
 
 class MTSAC:
@@ -136,7 +159,9 @@ class MTSAC:
         else:
             self.trees = trees or {"actor": self.actor_method.derive(), "critic": self.critic_method.derive()}
             actor_net = Trunk(self.trees["actor"], self.actor_method.spec.stages, self.actor_method.spec.heads)
-            critic_net = Trunk(self.trees["critic"], self.critic_method.spec.stages, self.critic_method.spec.heads)
+            critic_hidden = list(a.critic_hidden or self.cfg.model.hidden)
+            stages, head = critic_member_stages(self.obs_dim, self.action_dim, critic_hidden, self.cfg.model.activation)
+            critic_net = EnsembleTrunk(self.trees["critic"], stages, head, N_CRITICS)
         self.actor = Actor(actor_net, a.log_std_min, a.log_std_max).to(self.device)
         self.critic = Critic(critic_net).to(self.device)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
@@ -152,6 +177,10 @@ class MTSAC:
         self._online = list(self.critic.parameters())
         self._target = list(self.critic_target.parameters())
         self.actor_combiner, self.critic_combiner = self._combiner(), self._combiner()
+        self._eager = {"target": self._td_target, "critic": self._critic_losses, "actor": self._actor_losses}
+        # compiled once per network build; used on steps where nothing needs per-task gradients
+        self._compiled = {k: torch.compile(f, dynamic=False) for k, f in self._eager.items()} if a.compile else None
+        self._autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if a.amp else None
 
     def finish_search(self) -> dict[str, Tree]:
         """Derive both trees and switch to the fixed networks (fresh weights with retrain=scratch)."""
@@ -167,6 +196,9 @@ class MTSAC:
 
     @staticmethod
     def _copy_matching(module: nn.Module, state: dict) -> None:
+        # the search network's ensemble stages name their weights ``....inner.weight``; the fixed
+        # critic (EnsembleTrunk) holds the same layout without ``inner.``
+        state = {**{k.replace(".inner.", "."): v for k, v in state.items()}, **state}
         own = module.state_dict()
         module.load_state_dict({k: (state[k] if k in state and state[k].shape == v.shape else v) for k, v in own.items()})
 
@@ -178,13 +210,23 @@ class MTSAC:
         b = self.replay.sample(a.batch_per_task, split, self.sample_gen)
         step = self.n_updates
         alpha = self.log_alpha.detach().exp()
-        target = self._td_target(b, alpha)
-        critic_losses = weight_step(self.critic.net, b, lambda net, b: self._critic_losses(b, target), self.critic_combiner,
-                                    self.critic_opt, step, a.grad_clip, self.critic_method if self.searching else None)
+        with self._autocast() if self._autocast is not None else contextlib.nullcontext():
+            target = self._fn("target", step, self.critic_combiner)(b, alpha)
+        critic_fn = self._fn("critic", step, self.critic_combiner)
+        critic_losses = weight_step(self.critic.net, b, lambda net, b: critic_fn(b, target), self.critic_combiner,
+                                    self.critic_opt, step, a.grad_clip, self.critic_method if self.searching else None,
+                                    autocast=self._autocast)
         stats: dict[str, Tensor] = {}
-        actor_losses = weight_step(self.actor.net, b, lambda net, b: self._actor_losses(b, alpha, stats), self.actor_combiner,
-                                   self.actor_opt, step, a.grad_clip, self.actor_method if self.searching else None,
-                                   inputs=self._actor_params)
+        actor_fn = self._fn("actor", step, self.actor_combiner)
+
+        def actor_losses_fn(net: nn.Module, b: dict[str, Tensor]) -> Tensor:
+            losses, stats["logp"] = actor_fn(b, alpha)
+            return losses
+
+        # inputs=: the backward stops at the actor's weights (no critic weight gradients are computed)
+        actor_losses = weight_step(self.actor.net, b, actor_losses_fn, self.actor_combiner, self.actor_opt, step,
+                                   a.grad_clip, self.actor_method if self.searching else None,
+                                   autocast=self._autocast, inputs=self._actor_params)
         alpha_loss = -(self.log_alpha * (stats["logp"] + self.target_entropy)).sum()
         self.alpha_opt.zero_grad(set_to_none=True)
         alpha_loss.backward()
@@ -196,6 +238,12 @@ class MTSAC:
         self.n_updates += 1
         return {"critic_loss": critic_losses, "actor_loss": actor_losses, "alpha": alpha, "entropy": -stats["logp"]}
 
+    def _fn(self, name: str, step: int, combiner: GradientCombiner):
+        """The compiled loss function where it may run (fixed networks, no per-task gradients), else the eager one."""
+        if self._compiled is None or self.searching or combiner.needs_task_grads(step):
+            return self._eager[name]
+        return self._compiled[name]
+
     @torch.no_grad()
     def _td_target(self, b: dict[str, Tensor], alpha: Tensor) -> Tensor:
         next_action, next_logp = self.actor.sample(b["next_obs"])
@@ -203,14 +251,14 @@ class MTSAC:
         return b["reward"] + (1.0 - b["done"]) * self.cfg.agent.gamma * min_qf_next_target
 
     def _critic_losses(self, b: dict[str, Tensor], target: Tensor) -> Tensor:
-        q = self.critic(b["obs"], b["action"])  # [2, T, B]
+        q = self.critic.q(b["obs_action"])  # [2, T, B]
         return ((q - target) ** 2).mean(-1).sum(0)  # per task: qf1_loss + qf2_loss
 
-    def _actor_losses(self, b: dict[str, Tensor], alpha: Tensor, stats: dict) -> Tensor:
+    def _actor_losses(self, b: dict[str, Tensor], alpha: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-task actor losses and the per-task mean log-probability (detached, for alpha)."""
         pi, logp = self.actor.sample(b["obs"])
         min_qf_pi = self.critic(b["obs"], pi).min(0).values
-        stats["logp"] = logp.detach().mean(-1)
-        return (alpha[:, None] * logp - min_qf_pi).mean(-1)
+        return (alpha[:, None] * logp - min_qf_pi).mean(-1), logp.detach().mean(-1)
 
     def _arch_steps(self, step: int, alpha: Tensor) -> None:
         """Architecture updates on held-out replay: the critic's TD loss, the actor's loss."""
@@ -220,7 +268,7 @@ class MTSAC:
             return
         v = self.replay.sample(self.cfg.agent.batch_per_task, "val", self.sample_gen)
         self.critic_method.arch_step(self._critic_losses(v, self._td_target(v, alpha)))
-        self.actor_method.arch_step(self._actor_losses(v, alpha, {}))
+        self.actor_method.arch_step(self._actor_losses(v, alpha)[0])
 
     # ---- acting ---------------------------------------------------------------------------------------
     @torch.no_grad()

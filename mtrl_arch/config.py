@@ -111,6 +111,8 @@ class AgentConfig:
     critic_hidden: list = field(default_factory=list)  # empty: model.hidden
     log_std_min: float = -20.0
     log_std_max: float = 2.0
+    compile: bool = False             # torch.compile the SAC losses (fixed architectures, no per-task gradients)
+    amp: bool = False                 # bf16 autocast in the SAC networks (GPUs; slower on CPUs without bf16 units)
 
 
 @dataclass
