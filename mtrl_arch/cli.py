@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .config import ConfigError, load_config
@@ -53,7 +54,8 @@ def _train(args) -> int:
         if (run_dir / "config.yaml").exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
     _preflight(cfg)
-    print(f"run directory: {run_dir}", file=sys.stderr)
+    if not args.resume:
+        print(f"run directory: {run_dir}", file=sys.stderr)
     result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
     if result:
         print(json.dumps({k: v for k, v in result.items() if "mean" in k or not k.startswith("eval/return")}, indent=1))
@@ -125,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning  # a CLI user gets one line per warning, no source excerpt
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value pairs may also follow flags (`train mt10_quick --no-progress seed=1`)

@@ -79,8 +79,7 @@ class Logger:
 
     def _warn(self, msg: str) -> None:
         if not self._wandb_failed:
-            warnings.warn(msg, stacklevel=3)
-            print(f"warning: {msg}", file=sys.stderr)
+            warnings.warn(msg, stacklevel=3)  # the CLI prints warnings as one line each
         self._wandb_failed = True
         self._wandb = None
 
