@@ -62,7 +62,9 @@ class SB3SingleTask:
         return np.stack([m.predict(obs[t, :39], deterministic=True)[0] for t, m in enumerate(self.models)])
 
     def param_count(self) -> int:
-        return sum(sum(p.numel() for p in m.policy.parameters()) for m in self.models)
+        """Actor and twin critics of every task (targets excluded, as in MT-SAC's counts)."""
+        return sum(sum(p.numel() for net in (m.policy.actor, m.policy.critic) for p in net.parameters())
+                   for m in self.models)
 
 
 def train_sb3_stl(cfg: Config, run_dir: Path, tasks: tuple[str, ...], device: str, resume: bool,

@@ -119,6 +119,10 @@ def eval_rl(run_dir: Path, episodes: int | None, cfg: Config) -> dict[str, Any]:
 
 
 def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    if cfg.train.threads:
+        import torch
+
+        torch.set_num_threads(cfg.train.threads)
     if cfg.domain == "rl":
         return train_rl(cfg, run_dir, resume, progress)
     from .agents.supervised import train_supervised

@@ -66,6 +66,7 @@ class TrainConfig:
     lr_milestones: list = field(default_factory=list)  # epochs at which lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
     grad_clip: float = 5.0            # max gradient norm (0: off)
+    threads: int = 0                  # torch CPU threads (0: torch's default); 1 avoids oversubscription on a busy CPU
     amp: bool = False                 # bf16 autocast on CUDA
     compile: bool = False             # torch.compile the network
     checkpoint_every: int = 0         # RL: env steps; supervised: epochs (0: only at the end)
@@ -364,7 +365,7 @@ def validate(cfg: Config) -> None:
         "train.checkpoint_every": cfg.train.checkpoint_every, "arch.search_steps": cfg.arch.search_steps,
         "eval.every_env_steps": cfg.eval.every_env_steps, "eval.episodes_per_task": cfg.eval.episodes_per_task,
         "agent.grad_clip": cfg.agent.grad_clip, "train.updates_per_step": cfg.train.updates_per_step,
-        "env.max_episode_steps": cfg.env.max_episode_steps,
+        "env.max_episode_steps": cfg.env.max_episode_steps, "train.threads": cfg.train.threads,
     }
     for k, v in non_negative.items():
         if v < 0:
