@@ -1,0 +1,556 @@
+"""The supervised multi-task loop: search -> derive -> retrain, evaluation, checkpoints, logs.
+
+One command runs the whole pipeline of an architecture method on a benchmark adapter:
+
+1. **Search** (methods that search, ``arch.search_steps`` > 0): ``arch.search_steps``
+   calls of :func:`mtrl_arch.steps.search_step` on the method's search network, one
+   training batch each (epochs of ``train.limit_batches`` batches at most). Methods with
+   architecture parameters take their held-out batches from ``arch.val_fraction`` of
+   the training split (CoNAL's 80/20), the rest trains the weights; methods without
+   (Recon, LTB) use all of it. The weights use the run's optimiser at a constant rate.
+2. **Derive** ``method.derive()`` -> a :class:`~mtrl_arch.tree.Tree`, written to
+   ``arch.json`` / ``arch.txt``; the network is rebuilt as a
+   :class:`~mtrl_arch.trunk.Trunk` with fresh weights (``arch.retrain=scratch``, the
+   papers') or the search weights where names and shapes match (``continue``).
+3. **Retrain** ``train.epochs`` epochs of :func:`mtrl_arch.steps.weight_step` on the whole
+   training split, the learning rate multiplied by ``train.lr_gamma`` at each epoch in
+   ``train.lr_milestones``. Non-searching methods (hps, stl, manual) start here.
+
+Every weight step combines the per-task losses through
+:class:`~mtrl_arch.update.GradientCombiner` (``weighting.*``, ``arch.conflict_noticed``).
+
+Logs (``metrics.jsonl``; the x axis ``step`` counts optimisation steps, search included):
+one line per epoch with ``train/loss/<task>`` (``search/loss/<task>`` while searching),
+``lr``, ``time/*`` and ``conflict/*`` when gradient conflicts were measured; on
+evaluation epochs (``eval.every_epochs`` and the last) ``eval/<metric>/<task>`` on the
+test split and ``val/<metric>/<task>`` on the validation split, ``<metric>/mean`` over
+tasks where every task has the metric, and ``eval/delta_m`` / ``val/delta_m`` (Delta_m %,
+:func:`mtrl_arch.metrics.delta_m`) when a single-task baseline is configured
+(``eval.baseline`` values or ``eval.baseline_run``, an STL run directory);
+``params/trunk/<kind>`` once the architecture is fixed (``params/search/total`` for the
+search network); ``time/wall_s`` (training time summed over resumed sessions).
+
+Checkpoints (``checkpoints/ckpt-<step>.pt``, atomic) every ``train.checkpoint_every``
+epochs (search epochs too), at the end of the search and of the run, and on SIGINT/SIGTERM.
+Batches are a pure function of (seed, epoch, position) and the RNG state is saved, so
+``mtrl-arch train --resume RUN_DIR`` continues exactly where the checkpoint was taken
+(mid-epoch after a signal). One approximation: schedules that methods set in
+``on_step`` (AdaShare's temperature, LTB's warm-up) take the build-time value for the
+first step after a resume, until ``on_step`` runs again.
+
+The benchmark is an *adapter* (:class:`Adapter`, duck-typed; the benchmarks live in
+:mod:`mtrl_arch.envs.supervised` and build.py passes their factory in, so agents/ never
+imports envs/).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from mtrl_arch.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from mtrl_arch.config import Config, ConfigError
+from mtrl_arch.logger import Logger, read_metrics
+from mtrl_arch.metrics import delta_m
+from mtrl_arch.run import resolve_device, seed_everything, write_arch, write_run_info
+from mtrl_arch.search import TrunkSpec, make_method
+from mtrl_arch.steps import search_step, weight_parameters, weight_step
+from mtrl_arch.tree import Tree
+from mtrl_arch.trunk import Trunk
+from mtrl_arch.update import GradientCombiner
+from mtrl_arch.weighting import make_weighting
+
+
+class Data(Protocol):
+    def __len__(self) -> int: ...
+    def n_batches(self, batch_size: int, limit: int = 0) -> int: ...
+    def batches(self, batch_size: int, shuffle: bool = False, seed: int = 0, epoch: int = 0, limit: int = 0,
+                start: int = 0, num_workers: int = 0) -> Iterator[dict[str, Tensor]]: ...
+    def holdout(self, fraction: float, seed: int) -> tuple["Data", "Data | None"]: ...
+
+
+class Adapter(Protocol):
+    """A benchmark: data, network description, per-task losses and metrics."""
+    tasks: tuple[str, ...]
+    spec: TrunkSpec                 # trunk stages + per-task heads
+    shared_input: bool              # True: x [B, ...] feeds every task; False: x [T, B, ...]
+    train: Data
+    val: Data | None
+    test: Data
+    lower_is_better: dict[str, dict[str, bool]]  # task -> metric -> direction
+    info: dict                      # provenance for the run record
+
+    def inputs(self, batch: dict) -> tuple[Tensor, Tensor | None]: ...  # (x, aux)
+    def losses(self, outputs: Tensor, batch: dict) -> Tensor: ...       # [T]
+    def metrics(self) -> Any: ...   # .update(outputs, batch); .compute() -> {task: {metric: value}}
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+RUN_FORMAT = "mtrl-arch/supervised-run"
+MODEL_FORMAT = "mtrl-arch/supervised"
+
+
+def check_loop_config(cfg: Config) -> None:
+    """The loop's own config checks (one-line ConfigErrors)."""
+    if not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in cfg.train.lr_milestones):
+        raise ConfigError(f"train.lr_milestones must be a list of positive epoch numbers; got {cfg.train.lr_milestones}")
+    for k in ("limit_batches", "batch_size", "every_epochs"):
+        if getattr(cfg.eval, k, 0) < 0:
+            raise ConfigError(f"eval.{k} must be >= 0; got {getattr(cfg.eval, k)}")
+    b = cfg.eval.baseline
+    if not all(isinstance(v, dict) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v.values())
+               for v in b.values()):
+        raise ConfigError("eval.baseline must map task -> {metric: number}, e.g. {top_left: {accuracy: 0.97}}")
+
+
+def load_baseline(cfg: Config) -> dict[str, dict[str, dict[str, float]]]:
+    """Single-task reference results per split: {'test': {task: {metric: v}}, 'val': ...}."""
+    out: dict[str, dict] = {}
+    if cfg.eval.baseline_run:
+        path = Path(cfg.eval.baseline_run)
+        recs = [r for r in read_metrics(path) if any(k.startswith("eval/") for k in r)]
+        if not recs:
+            raise ConfigError(f"eval.baseline_run={path} has no evaluation in metrics.jsonl; give a finished run directory")
+        for prefix, split in (("eval/", "test"), ("val/", "val")):
+            res: dict[str, dict[str, float]] = {}
+            for k, v in recs[-1].items():
+                parts = k.split("/")
+                if k.startswith(prefix) and len(parts) == 3 and parts[2] != "mean" and isinstance(v, (int, float)):
+                    res.setdefault(parts[2], {})[parts[1]] = float(v)
+            if res:
+                out[split] = res
+    if cfg.eval.baseline:
+        out["test"] = {t: {m: float(v) for m, v in ms.items()} for t, ms in cfg.eval.baseline.items()}
+    return out
+
+
+def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    t = cfg.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+
+class _Forward:
+    """The network's forward, through ``torch.compile`` when asked; falls back to eager on failure."""
+
+    def __init__(self, net: nn.Module, compile: bool):
+        self.net, self.compiled = net, None
+        if compile:
+            try:
+                self.compiled = torch.compile(net)
+            except Exception as e:  # noqa: BLE001
+                _warn(f"torch.compile unavailable ({type(e).__name__}); running eagerly")
+
+    def __call__(self, *args, **kw) -> Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kw)
+            except Exception as e:  # noqa: BLE001 - a compile failure must not end the run
+                _warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); running eagerly")
+                self.compiled = None
+        return self.net(*args, **kw)
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _graceful_stop(flag: dict):
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and returns."""
+    def handler(signum, frame):
+        flag["stop"] = signal.Signals(signum).name
+
+    try:
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread
+        old = {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class SupervisedRun:
+    """Owns one run's networks, optimiser, counters and data streams."""
+
+    def __init__(self, cfg: Config, adapter: Adapter, device: torch.device, run_dir: Path | None = None,
+                 logger: Logger | None = None, progress: bool = False):
+        self.cfg, self.adapter, self.device = cfg, adapter, device
+        self.run_dir, self.logger, self.progress = run_dir, logger, progress
+        self.tasks = tuple(adapter.tasks)
+        T = len(self.tasks)
+        self.method = make_method(cfg.arch.method, adapter.spec, cfg.arch.options, cfg.seed)
+        self.searching = self.method.searches and cfg.arch.search_steps > 0
+        self.combiner = GradientCombiner(make_weighting(cfg.weighting.method, n_tasks=T, **cfg.weighting.options),
+                                         cfg.arch.conflict_noticed, cfg.arch.cn_variant, cfg.arch.track_conflicts_every)
+        self.combiner.weighting.to(device)
+        amp = cfg.train.amp and device.type == "cuda"
+        if cfg.train.amp and not amp:
+            _warn(f"train.amp is for CUDA devices; running in float32 on {device.type}")
+        self._amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+        self.baseline = load_baseline(cfg)
+        self.step = 0              # optimisation steps, search included (the log's x axis)
+        self.search_done = 0       # search steps done
+        self.search_epoch = 0
+        self.epoch = 0             # retrain epochs done
+        self.pos = 0               # batches done in the current epoch
+        self.val_pos = 0           # held-out batches drawn in the current search epoch
+        self.sums = torch.zeros(T, device=device)
+        self.count = 0
+        self.wall = 0.0
+        self.last_eval: dict[str, float] = {}
+        self.tree: Tree | None = None
+        self.stopped_by: str | None = None
+        self._build(search=self.searching)
+        self.search_train, self.search_val = adapter.train, None
+        if self.searching and self.method.arch_parameters():
+            self.search_train, self.search_val = adapter.train.holdout(cfg.arch.val_fraction, cfg.seed)
+            if self.search_val is None:
+                _warn(f"arch.val_fraction={cfg.arch.val_fraction} of {len(adapter.train)} training examples holds "
+                      "none out; the architecture steps use the training data")
+                self.search_train, self.search_val = adapter.train, adapter.train
+
+    # ---- networks ----------------------------------------------------------------------------------
+    def _build(self, search: bool, tree: Tree | None = None) -> None:
+        if search:
+            net = self.method.build()
+        else:
+            self.tree = tree or self.method.derive()
+            net = Trunk(self.tree, self.adapter.spec.stages, self.adapter.spec.heads)
+        self.net = net.to(self.device)
+        m = self.method
+        if search and m.arch_optimizer is not None:  # the net may have moved device: same tensors, fresh optimiser
+            d = m.arch_optimizer.defaults
+            m.make_arch_optimizer(d["lr"], d["weight_decay"], d["betas"])
+        self.opt = make_optimizer(self.cfg, weight_parameters(self.net) + list(self.combiner.weighting.parameters()))
+        self.sched = None if search else torch.optim.lr_scheduler.MultiStepLR(
+            self.opt, list(self.cfg.train.lr_milestones), self.cfg.train.lr_gamma)
+        self.fwd = _Forward(self.net, self.cfg.train.compile)
+
+    def _finish_search(self) -> None:
+        """Derive the tree, rebuild the network from it, record it."""
+        old = self.net.state_dict()
+        self.searching = False
+        self._build(False, self.method.derive())
+        if self.cfg.arch.retrain == "continue":
+            own = self.net.state_dict()
+            self.net.load_state_dict({k: (old[k] if k in old and old[k].shape == v.shape else v) for k, v in own.items()})
+        self._on_arch()
+
+    def _on_arch(self) -> None:
+        if self.run_dir is not None:
+            write_arch(self.run_dir, {"trunk": self.tree})
+        if self.logger is not None:
+            self.logger.log_text("arch/trunk", self.tree.render())
+            self.logger.log(self.param_counts(), self.step)
+
+    def param_counts(self) -> dict[str, int]:
+        if isinstance(self.net, Trunk):
+            return {f"params/trunk/{k}": v for k, v in self.net.param_counts().items()}
+        return {"params/search/total": sum(p.numel() for p in weight_parameters(self.net))}
+
+    # ---- steps --------------------------------------------------------------------------------------
+    def _to(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def _losses(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        x, aux = self.adapter.inputs(batch)
+        with self._amp():
+            out = self.fwd(x, shared_input=self.adapter.shared_input, aux=aux)
+        return self.adapter.losses(out, batch)
+
+    def _val_batches(self, bs: int) -> Iterator[dict[str, Tensor]]:
+        """Endless held-out batches for architecture steps, resumable at ``val_pos``."""
+        nb = self.search_val.n_batches(bs)
+        while True:
+            k, start = divmod(self.val_pos, nb)
+            for b in self.search_val.batches(bs, True, self.cfg.seed + 1, self.search_epoch * 100_003 + k, 0, start,
+                                             self.cfg.data.num_workers):
+                self.val_pos += 1
+                yield self._to(b)
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.wall += now - self._t
+        self._t = now
+
+    # ---- the loop -----------------------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return not self.searching and self.epoch >= self.cfg.train.epochs and bool(self.last_eval)
+
+    def learn(self) -> None:
+        cfg = self.cfg
+        bs, lim = cfg.train.batch_size, cfg.train.limit_batches
+        total = self.step + max(0, cfg.arch.search_steps - self.search_done if self.searching else 0) \
+            + max(0, cfg.train.epochs - self.epoch) * self.adapter.train.n_batches(bs, lim) - self.pos
+        bar = _progress(self.progress, total, self.step)
+        flag: dict = {}
+        self._t = time.perf_counter()
+        self.net.train()
+        with _graceful_stop(flag):
+            if self.searching:
+                self._search(bs, lim, bar, flag)
+            if not self.searching and not flag.get("stop"):
+                self._retrain(bs, lim, bar, flag)
+        if bar is not None:
+            bar.close()
+        self.stopped_by = flag.get("stop")
+        if self.stopped_by:
+            self._tick()
+            self.save()
+            print(f"stopped by {self.stopped_by}; resume with `mtrl-arch train --resume {self.run_dir}`", file=sys.stderr)
+        elif not self.last_eval:  # e.g. train.epochs=0: evaluate what was derived
+            self._tick()
+            self._log(self.evaluate())
+            self.save()
+
+    def _search(self, bs: int, lim: int, bar, flag: dict) -> None:
+        cfg = self.cfg
+        while self.searching:
+            n = self.search_train.n_batches(bs, lim)
+            val = self._val_batches(bs) if self.search_val is not None else None
+            for batch in self.search_train.batches(bs, True, cfg.seed, self.search_epoch, lim, self.pos,
+                                                   cfg.data.num_workers):
+                vb = next(val) if val is not None and self.method.phase(self.search_done).arch else None
+                out = search_step(self.method, self.net, self._to(batch), vb, self._losses, self.combiner, self.opt,
+                                  self.search_done, cfg.train.grad_clip)
+                if "train_losses" in out:
+                    self.sums += out["train_losses"]
+                    self.count += 1
+                self.search_done += 1
+                self.step += 1
+                self.pos += 1
+                if bar is not None:
+                    bar.update(1)
+                if self.search_done >= cfg.arch.search_steps or flag.get("stop"):
+                    break
+            finished = self.search_done >= cfg.arch.search_steps
+            if self.pos < n and not finished:
+                return  # stopped by a signal mid-epoch
+            self.search_epoch += 1
+            self._tick()
+            self._log(self._epoch_record("search"))
+            self.pos = self.val_pos = 0
+            if finished:
+                self._finish_search()
+            every = cfg.train.checkpoint_every
+            if finished or (every and self.search_epoch % every == 0):
+                self.save()
+            if flag.get("stop"):
+                return
+
+    def _retrain(self, bs: int, lim: int, bar, flag: dict) -> None:
+        cfg = self.cfg
+        while self.epoch < cfg.train.epochs:
+            n = self.adapter.train.n_batches(bs, lim)
+            for batch in self.adapter.train.batches(bs, True, cfg.seed + 2, self.epoch, lim, self.pos,
+                                                    cfg.data.num_workers):
+                self.sums += weight_step(self.net, self._to(batch), self._losses, self.combiner, self.opt, self.step,
+                                         cfg.train.grad_clip)
+                self.count += 1
+                self.step += 1
+                self.pos += 1
+                if bar is not None:
+                    bar.update(1)
+                if flag.get("stop"):
+                    break
+            if self.pos < n:
+                return  # stopped by a signal mid-epoch
+            self.epoch += 1
+            rec = self._epoch_record("train")
+            self.sched.step()
+            last = self.epoch == cfg.train.epochs
+            if last or (cfg.eval.every_epochs and self.epoch % cfg.eval.every_epochs == 0):
+                rec.update(self.evaluate())
+            self._tick()
+            rec["time/wall_s"] = self.wall
+            self._log(rec)
+            self.pos = 0
+            every = cfg.train.checkpoint_every
+            if last or (every and self.epoch % every == 0):
+                self.save()
+            if flag.get("stop"):
+                return
+
+    def _epoch_record(self, phase: str) -> dict[str, Any]:
+        mean = self.sums / max(self.count, 1)
+        if not torch.isfinite(mean).all():
+            raise NonFiniteError(f"non-finite {phase} loss at step {self.step} ({mean.tolist()}); "
+                                 "the last good checkpoint is kept")
+        self.combiner.weighting.end_epoch(mean)
+        vals = mean.tolist()
+        rec: dict[str, Any] = {f"{phase}/loss/{t}": v for t, v in zip(self.tasks, vals)}
+        rec[f"{phase}/loss/mean"] = sum(vals) / len(vals)
+        rec["phase"] = phase
+        rec["epoch"] = self.search_epoch if phase == "search" else self.epoch
+        rec["lr"] = self.opt.param_groups[0]["lr"]
+        rec["time/wall_s"] = self.wall
+        if self.combiner.stats.steps:
+            rec.update(self.combiner.stats.summary())
+        self.sums.zero_()
+        self.count = 0
+        return rec
+
+    def _log(self, rec: dict[str, Any]) -> None:
+        if self.logger is not None:
+            self.logger.log(rec, self.step)
+
+    # ---- evaluation -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        cfg, a = self.cfg, self.adapter
+        bs = cfg.eval.batch_size or cfg.train.batch_size
+        was = self.net.training
+        self.net.eval()
+        out: dict[str, float] = {}
+        try:
+            for split, prefix in (("val", "val"), ("test", "eval")):
+                data = getattr(a, split)
+                if data is None:
+                    continue
+                acc = a.metrics()
+                for batch in data.batches(bs, False, 0, 0, cfg.eval.limit_batches, 0, cfg.data.num_workers):
+                    batch = self._to(batch)
+                    x, aux = a.inputs(batch)
+                    with self._amp():
+                        y = self.fwd(x, shared_input=a.shared_input, aux=aux)
+                    acc.update(y.float(), batch)
+                res = acc.compute()
+                for t, ms in res.items():
+                    out.update({f"{prefix}/{m}/{t}": v for m, v in ms.items()})
+                if len(res) > 1:
+                    common = set.intersection(*(set(ms) for ms in res.values()))
+                    out.update({f"{prefix}/{m}/mean": sum(ms[m] for ms in res.values()) / len(res) for m in sorted(common)})
+                base = self.baseline.get(split)
+                if base:
+                    mine = {t: {m: v for m, v in ms.items() if m in base.get(t, {})} for t, ms in res.items() if t in base}
+                    mine = {t: ms for t, ms in mine.items() if ms}
+                    if mine:
+                        out[f"{prefix}/delta_m"] = delta_m(mine, base, a.lower_is_better)
+        finally:
+            self.net.train(was)
+        self.last_eval = out
+        return out
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"format": RUN_FORMAT, "version": 1, "searching": self.searching,
+                "tree": None if self.tree is None else self.tree.to_dict(),
+                "step": self.step, "search_done": self.search_done, "search_epoch": self.search_epoch,
+                "epoch": self.epoch, "pos": self.pos, "val_pos": self.val_pos, "sums": self.sums.cpu(),
+                "count": self.count, "wall": self.wall, "last_eval": dict(self.last_eval),
+                "net": self.net.state_dict(), "opt": self.opt.state_dict(),
+                "sched": None if self.sched is None else self.sched.state_dict(),
+                "method": self.method.state_dict() if self.searching else None,
+                "combiner": self.combiner.state_dict(), "rng": rng_state()}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if d.get("format") != RUN_FORMAT:
+            raise ConfigError("the checkpoint is not a supervised run's; resume it with the command that made it")
+        if not d["searching"] and (self.searching or self.tree is None or self.tree.to_dict() != d["tree"]):
+            self.searching = False
+            self._build(False, Tree.from_dict(d["tree"]))
+        self.net.load_state_dict(d["net"])
+        self.opt.load_state_dict(d["opt"])
+        if self.sched is not None and d["sched"] is not None:
+            self.sched.load_state_dict(d["sched"])
+        if self.searching and d["method"] is not None:
+            self.method.load_state_dict(d["method"])
+        self.combiner.load_state_dict(d["combiner"])
+        for k in ("step", "search_done", "search_epoch", "epoch", "pos", "val_pos", "count", "wall"):
+            setattr(self, k, d[k])
+        self.sums = d["sums"].to(self.device)
+        self.last_eval = dict(d["last_eval"])
+        set_rng_state(d["rng"])
+
+    def save(self) -> None:
+        if self.run_dir is not None:
+            if self.logger is not None:
+                self.logger.flush()
+            save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+
+    def save_model(self, path: Path) -> None:
+        torch.save({"format": MODEL_FORMAT, "version": 1, "config": self.cfg.to_dict(), "tasks": list(self.tasks),
+                    "tree": self.tree.to_dict(), "net": self.net.state_dict()}, path)
+
+    def load_model(self, path: Path) -> None:
+        d = torch.load(path, map_location="cpu", weights_only=False)
+        if d.get("format") != MODEL_FORMAT:
+            raise ConfigError(f"{path} is not a supervised model saved by mtrl-arch")
+        self.searching = False
+        self._build(False, Tree.from_dict(d["tree"]))
+        self.net.load_state_dict(d["net"])
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.05)
+
+
+AdapterFactory = Callable[[Config], Adapter]
+
+
+def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+                     make_adapter: AdapterFactory | None = None) -> dict[str, Any]:
+    """Search (if the method searches), derive, retrain and evaluate; see the module docstring."""
+    if make_adapter is None:
+        raise ValueError("train_supervised needs make_adapter (mtrl_arch.build passes mtrl_arch.envs.supervised.make_adapter)")
+    check_loop_config(cfg)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    adapter = make_adapter(cfg)  # bad config or missing data fail here, before anything is written
+    found = load_latest(run_dir / "checkpoints") if resume else None
+    if not resume:
+        write_run_info(run_dir, cfg, {"data": adapter.info})
+    logger = Logger(run_dir, cfg.wandb, {**cfg.to_dict(), "data_info": adapter.info}, run_dir.name,
+                    resume_step=found[0] if found else (0 if resume else None))
+    run = SupervisedRun(cfg, adapter, device, run_dir, logger, progress)
+    if found is not None:
+        run.load_state_dict(found[1])
+        print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at step {run.step}", file=sys.stderr)
+    elif run.searching:
+        logger.log(run.param_counts(), 0)
+    else:
+        run._on_arch()
+    run.learn()
+    if run.done:
+        run.save_model(run_dir / "model.pt")
+        logger.summary({**run.last_eval, **run.param_counts(), "time/wall_s": run.wall})
+    logger.close()
+    return {**run.last_eval, **run.param_counts(), "time/wall_s": run.wall}
+
+
+def eval_supervised(cfg: Config, run_dir: Path, make_adapter: AdapterFactory | None = None) -> dict[str, Any]:
+    """Evaluate a run's final model (``model.pt``) or, failing that, its latest checkpoint."""
+    if make_adapter is None:
+        raise ValueError("eval_supervised needs make_adapter (mtrl_arch.build passes mtrl_arch.envs.supervised.make_adapter)")
+    run = SupervisedRun(cfg, make_adapter(cfg), resolve_device(cfg.device))
+    model = run_dir / "model.pt"
+    if model.is_file():
+        run.load_model(model)
+    else:
+        found = load_latest(run_dir / "checkpoints")
+        if found is None:
+            raise ConfigError(f"{run_dir} has neither model.pt nor a readable checkpoint to evaluate")
+        run.load_state_dict(found[1])
+    return {**run.evaluate(), **run.param_counts()}

@@ -1,0 +1,582 @@
+"""Supervised multi-task benchmarks as adapters for the supervised loop.
+
+An adapter (:class:`TaskAdapter`) is everything :mod:`mtrl_arch.agents.supervised` needs
+to know about one benchmark, and nothing about training:
+
+* ``train`` / ``val`` / ``test`` data (:mod:`mtrl_arch.envs.supervised_data`); ``val`` is
+  None when ``data.val_fraction`` leaves no examples;
+* ``spec``: the trunk stages (a backbone from :mod:`mtrl_arch.envs.backbones`) and the
+  per-task heads, as a :class:`~mtrl_arch.search.base.TrunkSpec` every architecture
+  method builds from;
+* ``inputs(batch) -> (x, aux)`` and ``shared_input`` (True: one image feeds every task,
+  ``x [B, ...]``; False: per-task inputs ``x [T, B, ...]``, GLUE);
+* ``losses(outputs, batch) -> Tensor[T]`` and ``metrics()`` (an accumulator with
+  ``update(outputs, batch)`` and ``compute() -> {task: {metric: value}}``), with
+  ``lower_is_better[task][metric]``.
+
+The loop is duck-typed against these attributes (agents/ never imports envs/; build.py
+hands :func:`make_adapter` to the loop).
+
+Benchmarks (``data.name``), their tasks and backbones (``model.backbone``):
+
+=====================  ==================================  ==================  ============
+data.name              tasks                               backbones           input
+=====================  ==================================  ==================  ============
+multi_mnist            top_left, bottom_right (10 classes) lenet, resnet18     shared
+multi_fashion          top_left, bottom_right              lenet, resnet18     shared
+multi_fashion_mnist    top_left (MNIST), bottom_right      lenet, resnet18     shared
+celeba                 9 attributes (binary)               resnet18            shared
+nyuv2                  segmentation, depth, normal         resnet18 (dense)    shared
+cityscapes             segmentation, depth                 resnet18 (dense)    shared
+glue                   CoLA, SST-2, MRPC, RTE, STS-B       transformer         per task
+=====================  ==================================  ==================  ============
+
+**Heterogeneous heads.** A head bank holds one module per task, all of one shape, so a
+benchmark whose tasks need different output widths (GLUE: STS-B regresses 1 value, the
+others score 2 classes; NYUv2: 13 classes, 1 depth, 3 normal components) gets heads of
+the largest width and task t reads the first ``width[t]`` outputs of its head
+(:func:`_slice`). The unused outputs never reach a loss, get zero gradient and stay at
+their initial values; they are counted in ``params/trunk/heads`` (for GLUE 129 of
+~1,300 head parameters, for NYUv2 12 of 13 depth-head output channels).
+
+**Tied initialisation** (``model.options.tied_init``, default on): every copy of a stage,
+in every bank built from it, starts from one set of weights drawn once per stage from the
+run seed. That is the setting the search methods assume (CoNAL and AdaShare start all
+copies from one pretrained backbone; Recon's rebuilt task-specific copies share the
+initialisation), and it makes an architecture's retrain start from the same weights as
+the HPS and STL baselines.
+
+**Splits.** ``test`` is the data set's test split (Multi-*: the 20,000 test composites;
+CelebA: partition 2; NYUv2/CityScapes: the ``val`` folder, the MTAN/LibMTL convention;
+GLUE: the dev files, GLUE's test labels being hidden). ``val`` is CelebA's partition 1
+and otherwise a seeded ``data.val_fraction`` of the training set (Multi-*: both
+composites of a source image on one side).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtrl_arch import metrics as M
+from mtrl_arch.config import Config, ConfigError
+from mtrl_arch.search.base import TrunkSpec
+
+from .backbones import (ConvStageBank, ResNetBasicBlockBank, StageSpec, classification_heads, lenet_stages,
+                        resnet18_stages, transformer_stages)
+from .supervised_data import DatasetData, PerTaskData, TensorData, subset_indices
+
+
+@dataclass
+class TaskAdapter:
+    name: str
+    tasks: tuple[str, ...]
+    spec: TrunkSpec
+    shared_input: bool
+    train: Any
+    val: Any | None
+    test: Any
+    inputs: Callable[[dict], tuple[Tensor, Tensor | None]]
+    losses: Callable[[Tensor, dict], Tensor]
+    metrics: Callable[[], Any]
+    lower_is_better: dict[str, dict[str, bool]]
+    info: dict = field(default_factory=dict)
+
+
+# ---- options ------------------------------------------------------------------------------------
+@dataclass
+class MultiDigitData:
+    cache_dir: str = ""       # keep the generated composites here as .npz (empty: regenerate, ~4 s)
+    generator_seed: int = 0   # seed of the composites and of the validation split (fixed across run seeds)
+    train_subset: int = 0     # use a seeded subset of this many training examples (0: all)
+    eval_subset: int = 0      # likewise for the validation and test sets
+
+
+@dataclass
+class CelebAData:
+    image_size: list = field(default_factory=list)  # [h, w]: resize JPEGs (npy images must have their size already)
+    image_source: str = "auto"  # auto | jpg | npy
+    train_subset: int = 0
+    eval_subset: int = 0
+
+
+@dataclass
+class SceneData:
+    n_classes: int = 7        # CityScapes only: 7 (MTAN/LibMTL) or 19
+    train_subset: int = 0
+    eval_subset: int = 0
+
+
+@dataclass
+class GlueData:
+    vocab_size: int = 8000    # WordPiece vocabulary learned on the chosen tasks' training text
+    min_frequency: int = 2
+    max_len: int = 128        # tokens per example, [CLS] and [SEP] included
+    train_subset: int = 0     # per task
+    eval_subset: int = 0      # per task
+
+
+@dataclass
+class LeNetModel:
+    tied_init: bool = True
+
+
+@dataclass
+class ResNetModel:
+    width: int = 64           # channels of the first stage (64: ResNet-18)
+    out_features: int = 100   # classification: the shared 512 -> 100 layer (Recon); dense: head hidden width
+    tied_init: bool = True
+
+
+@dataclass
+class TransformerModel:
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: int = 256
+    n_layers: int = 4
+    dropout: float = 0.1
+    tied_init: bool = True
+
+
+def _options(cls: type, raw: dict, where: str) -> Any:
+    valid = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in raw.items():
+        if k not in valid:
+            near = difflib.get_close_matches(k, valid, n=1)
+            hint = f"; did you mean {where}.{near[0]}?" if near else ""
+            raise ConfigError(f"unknown config key '{where}.{k}'{hint} (valid here: {', '.join(sorted(valid))})")
+        f = valid[k]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(default, float):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, type(default))
+        if not ok:
+            raise ConfigError(f"{where}.{k} must be a {type(default).__name__}; got {v!r}")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < (0 if k.endswith(("_subset", "seed", "dropout")) else 1e-12):
+            raise ConfigError(f"{where}.{k} must be {'>= 0' if k.endswith(('_subset', 'seed', 'dropout')) else 'positive'}; got {v!r}")
+    return cls(**raw)
+
+
+# ---- benchmarks -------------------------------------------------------------------------------------
+BENCHMARKS: dict[str, dict[str, Any]] = {
+    "multi_mnist": {"tasks": ("top_left", "bottom_right"), "backbones": ("lenet", "resnet18"), "data": MultiDigitData},
+    "multi_fashion": {"tasks": ("top_left", "bottom_right"), "backbones": ("lenet", "resnet18"), "data": MultiDigitData},
+    "multi_fashion_mnist": {"tasks": ("top_left", "bottom_right"), "backbones": ("lenet", "resnet18"),
+                            "data": MultiDigitData},
+    "celeba": {"tasks": None, "backbones": ("resnet18",), "data": CelebAData},
+    "nyuv2": {"tasks": ("segmentation", "depth", "normal"), "backbones": ("resnet18",), "data": SceneData},
+    "cityscapes": {"tasks": ("segmentation", "depth"), "backbones": ("resnet18",), "data": SceneData},
+    "glue": {"tasks": ("CoLA", "SST-2", "MRPC", "RTE", "STS-B"), "backbones": ("transformer",), "data": GlueData},
+}
+MODELS = {"lenet": LeNetModel, "resnet18": ResNetModel, "transformer": TransformerModel}
+DEFAULT_ROOTS = {"multi_mnist": "data", "multi_fashion": "data", "multi_fashion_mnist": "data", "glue": "data",
+                 "celeba": "data/celeba", "nyuv2": "data/nyuv2", "cityscapes": "data/cityscapes"}
+
+
+def check_config(cfg: Config) -> tuple[Any, Any, tuple[str, ...]]:
+    """Validate the supervised parts of a config; returns (data options, model options, tasks)."""
+    name = cfg.data.name
+    if name not in BENCHMARKS:
+        near = difflib.get_close_matches(name, BENCHMARKS, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise ConfigError(f"data.name {name!r} is not a supervised benchmark{hint}; choose from {', '.join(BENCHMARKS)}")
+    b = BENCHMARKS[name]
+    if cfg.model.backbone not in b["backbones"]:
+        raise ConfigError(f"model.backbone {cfg.model.backbone!r} does not fit data.name={name}; "
+                          f"choose from {', '.join(b['backbones'])}")
+    data_opts = _options(b["data"], cfg.data.options, "data.options")
+    model_opts = _options(MODELS[cfg.model.backbone], cfg.model.options, "model.options")
+    valid = b["tasks"]
+    if valid is None:  # CelebA: attribute names are checked against the file
+        from .vision import CELEBA_9_TASKS
+
+        tasks = tuple(cfg.data.tasks) or CELEBA_9_TASKS
+    else:
+        bad = [t for t in cfg.data.tasks if t not in valid]
+        if bad:
+            raise ConfigError(f"data.tasks has {bad}, not tasks of {name}; choose from {', '.join(valid)}")
+        tasks = tuple(t for t in valid if t in cfg.data.tasks) if cfg.data.tasks else valid
+    if len(set(tasks)) != len(tasks) or not tasks:
+        raise ConfigError(f"data.tasks must name distinct tasks; got {list(cfg.data.tasks)}")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1); got {cfg.data.val_fraction}")
+    return data_opts, model_opts, tasks
+
+
+def data_root(cfg: Config) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(cfg.data.root or DEFAULT_ROOTS[cfg.data.name])))
+
+
+def make_adapter(cfg: Config) -> TaskAdapter:
+    """The adapter for ``cfg.data.name``; raises ConfigError (bad config) or DataError (missing data)."""
+    data_opts, model_opts, tasks = check_config(cfg)
+    build = {"celeba": _celeba, "nyuv2": _scenes, "cityscapes": _scenes, "glue": _glue}.get(cfg.data.name, _multi_digit)
+    return build(cfg, data_opts, model_opts, tasks)
+
+
+# ---- shared pieces ----------------------------------------------------------------------------------
+def tied(factory: Callable[[int], nn.Module], seed: int) -> Callable[[int], nn.Module]:
+    """A stage factory whose every module copy starts from one set of weights (drawn once, from ``seed``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        template = {k: v.detach().clone() for k, v in factory(1).state_dict().items()}
+
+    def make(n: int) -> nn.Module:
+        bank = factory(n)
+        with torch.no_grad():
+            for k, v in bank.state_dict().items():  # views of the parameters and buffers
+                if v.shape[:1] != (n,):
+                    raise ValueError(f"tied init needs module-stacked tensors; {k} has shape {tuple(v.shape)}")
+                v.copy_(template[k].expand_as(v))
+        return bank
+
+    spec = StageSpec(make, getattr(factory, "name", "stage") + " (tied)", getattr(factory, "residual_shaped", False))
+    return spec
+
+
+def _spec(tasks, stages: list, heads, model_opts, seed: int) -> TrunkSpec:
+    residual = tuple(bool(getattr(f, "residual_shaped", False)) for f in stages)
+    if getattr(model_opts, "tied_init", False):
+        stages = [tied(f, seed * 1000 + s) for s, f in enumerate(stages)]
+    return TrunkSpec(tuple(tasks), stages, heads, residual=residual, name="trunk")
+
+
+def _slice(out: Tensor, t: int, width: int) -> Tensor:
+    """Task t's outputs: the first ``width`` channels of its head (dim 2 of ``[T, B, C, ...]``)."""
+    return out[t, :, :width]
+
+
+def _lib(tasks, metric_names: dict[str, tuple[str, ...]]) -> dict[str, dict[str, bool]]:
+    return {t: {m: M.LOWER_IS_BETTER[m] for m in metric_names[t]} for t in tasks}
+
+
+class ClassificationMetrics:
+    """Accuracy per task from logits ``[T, B, K]`` and labels ``y [B, T]``."""
+
+    def __init__(self, tasks):
+        self.tasks = tasks
+        self.correct = torch.zeros(len(tasks), dtype=torch.float64)
+        self.n = 0
+
+    def update(self, out: Tensor, batch: dict) -> None:
+        pred = out.argmax(-1)  # [T, B]
+        self.correct += (pred == batch["y"].T).sum(1).double().cpu()
+        self.n += pred.shape[1]
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        return {t: {"accuracy": float(self.correct[i] / max(self.n, 1))} for i, t in enumerate(self.tasks)}
+
+
+def _classification_losses(out: Tensor, batch: dict) -> Tensor:
+    T, B, K = out.shape
+    ce = F.cross_entropy(out.float().reshape(T * B, K), batch["y"].T.reshape(T * B), reduction="none")
+    return ce.view(T, B).mean(1)
+
+
+# ---- Multi-MNIST / Multi-Fashion / Multi-Fashion+MNIST ------------------------------------------------
+def _multi_digit(cfg: Config, o: MultiDigitData, m: Any, tasks) -> TaskAdapter:
+    from .vision import load_multi, train_val_split
+
+    root = data_root(cfg)
+    cache = o.cache_dir or None
+    tr = load_multi(root, cfg.data.name, "train", seed=o.generator_seed, cache_dir=cache)
+    te = load_multi(root, cfg.data.name, "test", seed=o.generator_seed, cache_dir=cache)
+    cols = [BENCHMARKS[cfg.data.name]["tasks"].index(t) for t in tasks]
+
+    def data(md, idx) -> TensorData:
+        return TensorData({"x": torch.from_numpy(md.canvas[idx]).unsqueeze(1),
+                           "y": torch.from_numpy(md.labels[idx][:, cols])})
+
+    tr_idx, va_idx = train_val_split(len(tr), cfg.data.val_fraction, seed=o.generator_seed, group=2)
+    tr_idx = tr_idx[subset_indices(len(tr_idx), o.train_subset, o.generator_seed)]
+    va_idx = va_idx[subset_indices(len(va_idx), o.eval_subset, o.generator_seed + 1)]
+    te_idx = subset_indices(len(te), o.eval_subset, o.generator_seed + 2)
+    if cfg.model.backbone == "lenet":
+        stages, heads = lenet_stages(), classification_heads(50, 10)
+    else:
+        stages, heads = resnet18_stages(1, m.width, m.out_features), classification_heads(m.out_features, 10)
+    return TaskAdapter(
+        cfg.data.name, tasks, _spec(tasks, stages, heads, m, cfg.seed), True,
+        data(tr, tr_idx), data(tr, va_idx) if len(va_idx) else None, data(te, te_idx),
+        inputs=lambda b: (b["x"].float().div_(255.0), None),
+        losses=_classification_losses, metrics=lambda: ClassificationMetrics(tasks),
+        lower_is_better=_lib(tasks, {t: ("accuracy",) for t in tasks}),
+        info={"root": str(root), "generator_seed": o.generator_seed,
+              "sizes": {"train": len(tr_idx), "val": len(va_idx), "test": len(te_idx)}},
+    )
+
+
+# ---- CelebA ---------------------------------------------------------------------------------------
+def _celeba(cfg: Config, o: CelebAData, m: ResNetModel, tasks) -> TaskAdapter:
+    from .vision import CelebA
+
+    if o.image_source not in ("auto", "jpg", "npy"):
+        raise ConfigError(f"data.options.image_source must be auto, jpg or npy; got {o.image_source!r}")
+    if o.image_size and (len(o.image_size) != 2 or not all(isinstance(v, int) and v > 0 for v in o.image_size)):
+        raise ConfigError(f"data.options.image_size must be [height, width]; got {o.image_size}")
+    root = data_root(cfg)
+    size = tuple(o.image_size) or None
+    try:
+        sets = {s: CelebA(root, s, tasks, size, o.image_source) for s in ("train", "valid", "test")}
+    except ValueError as e:  # unknown attribute names
+        if type(e) is not ValueError:
+            raise
+        raise ConfigError(f"data.tasks: {e}") from None
+
+    def collate(items):
+        return {"x": torch.stack([x for x, _ in items]), "y": torch.stack([y for _, y in items])}
+
+    def data(ds, subset: int, salt: int) -> DatasetData:
+        d = DatasetData(ds, collate)
+        return d.subset(subset_indices(len(d), subset, salt))
+
+    tr, va, te = (data(sets["train"], o.train_subset, 0), data(sets["valid"], o.eval_subset, 1),
+                  data(sets["test"], o.eval_subset, 2))
+    stages, heads = resnet18_stages(3, m.width, m.out_features), classification_heads(m.out_features, 2)
+    return TaskAdapter(
+        "celeba", tasks, _spec(tasks, stages, heads, m, cfg.seed), True, tr, va if len(va) else None, te,
+        inputs=lambda b: (b["x"], None), losses=_classification_losses, metrics=lambda: ClassificationMetrics(tasks),
+        lower_is_better=_lib(tasks, {t: ("accuracy",) for t in tasks}),
+        info={"root": str(root), "sizes": {"train": len(tr), "val": len(va), "test": len(te)}},
+    )
+
+
+# ---- NYUv2 / CityScapes (dense prediction) -------------------------------------------------------------
+class DenseHeadBank(nn.Module):
+    """Per-task dense head: conv 3x3 (cin -> hidden) + ReLU + conv 1x1 (hidden -> out), at the trunk's resolution.
+
+    A plain convolutional head (LibMTL uses ASPP on a dilated ResNet; MTAN a SegNet
+    decoder); predictions are upsampled bilinearly to the label size in the losses and
+    metrics.
+    """
+
+    def __init__(self, n_modules: int, cin: int, hidden: int, out: int):
+        super().__init__()
+        self.n_modules = n_modules
+        self.conv1 = ConvStageBank(n_modules, cin, hidden, 3, 1, 1, bn=False, relu=True)
+        self.conv2 = ConvStageBank(n_modules, hidden, out, 1, 1, 0, bn=False, relu=False)
+
+    def forward(self, x: Tensor, idx, aux: Tensor | None = None) -> Tensor:
+        return self.conv2(self.conv1(x, idx), idx)
+
+
+def dense_resnet18_stages(in_ch: int = 3, width: int = 64) -> list[StageSpec]:
+    """ResNet-18 as a dense encoder of output stride 8, 9 stages.
+
+    Stem 7x7/2 conv + BN + ReLU (no max-pool), then the eight BasicBlocks with strides
+    1, 1, 2, 1, 2, 1, 1, 1 (the last stage keeps stride 1, as LibMTL's dilated ResNet; no
+    dilation here): ``[3, H, W] -> [8w, H/8, W/8]``. Residual-shaped (skippable) blocks:
+    stages 1, 2, 4, 6, 8.
+    """
+    w = width
+    specs = [StageSpec(lambda n: ConvStageBank(n, in_ch, w, 7, 2, 3, bn=True, relu=True, kaiming=True),
+                       f"stem {in_ch}->{w} 7x7/2")]
+    plan = [(w, w, 1), (w, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1),
+            (2 * w, 4 * w, 2), (4 * w, 4 * w, 1), (4 * w, 8 * w, 1), (8 * w, 8 * w, 1)]
+    for cin, cout, s in plan:
+        specs.append(StageSpec(lambda n, cin=cin, cout=cout, s=s: ResNetBasicBlockBank(n, cin, cout, s),
+                               f"basic {cin}->{cout}/{s}", residual_shaped=(cin == cout and s == 1)))
+    return specs
+
+
+def _up(pred: Tensor, like: Tensor) -> Tensor:
+    size = like.shape[-2:]
+    return pred if pred.shape[-2:] == size else F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
+
+
+def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    return (x * m).sum() / m.sum().clamp_min(1)
+
+
+class SceneMetrics:
+    """mIoU / pixel accuracy (segmentation), absolute / relative error (depth), angle errors (normal)."""
+
+    def __init__(self, tasks, widths: dict[str, int]):
+        self.tasks, self.widths = tasks, widths
+        self.conf = M.ConfusionMatrix(widths["segmentation"], ignore_index=-1) if "segmentation" in tasks else None
+        self.depth = torch.zeros(3, dtype=torch.float64)  # sum |e|, sum |e|/t, count
+        self.angles: list[Tensor] = []
+
+    def update(self, out: Tensor, batch: dict) -> None:
+        for i, t in enumerate(self.tasks):
+            p = _up(_slice(out, i, self.widths[t]).float(), batch[t])
+            if t == "segmentation":
+                self.conf.update(p.argmax(1), batch[t])
+            elif t == "depth":
+                y = batch[t]
+                mk = y != 0
+                e = (p - y).abs()[mk]
+                self.depth += torch.stack([e.sum(), (e / y[mk].abs()).sum(), torch.tensor(float(e.numel()))]).double().cpu()
+            else:
+                y = batch[t]
+                mk = (y != 0).any(1)
+                cos = (F.normalize(p, dim=1) * y).sum(1).clamp(-1, 1)[mk]
+                self.angles.append(torch.rad2deg(torch.acos(cos)).cpu())
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for t in self.tasks:
+            if t == "segmentation":
+                out[t] = self.conf.compute()
+            elif t == "depth":
+                n = max(float(self.depth[2]), 1.0)
+                out[t] = {"abs_err": float(self.depth[0]) / n, "rel_err": float(self.depth[1]) / n}
+            else:
+                a = torch.cat(self.angles).double() if self.angles else torch.zeros(1, dtype=torch.float64)
+                out[t] = {"mean": float(a.mean()), "median": float(a.median()),
+                          **{f"within_{th}": float((a < th).double().mean()) for th in (11.25, 22.5, 30)}}
+        return out
+
+
+SCENE_METRICS = {"segmentation": ("miou", "pixel_acc"), "depth": ("abs_err", "rel_err"),
+                 "normal": ("mean", "median", "within_11.25", "within_22.5", "within_30")}
+
+
+def _scenes(cfg: Config, o: SceneData, m: ResNetModel, tasks) -> TaskAdapter:
+    from .vision import CityScapes, NYUv2
+
+    root = data_root(cfg)
+    if cfg.data.name == "nyuv2":
+        sets = {s: NYUv2(root, s) for s in ("train", "val")}
+    else:
+        if o.n_classes not in (7, 19):
+            raise ConfigError(f"data.options.n_classes must be 7 or 19; got {o.n_classes}")
+        sets = {s: CityScapes(root, s, o.n_classes) for s in ("train", "val")}
+    n_classes = sets["train"].n_classes
+    widths = {"segmentation": n_classes, "depth": 1, "normal": 3}
+
+    def collate(items):
+        out = {"x": torch.stack([x for x, _ in items])}
+        for t in tasks:
+            out[t] = torch.stack([y[t] for _, y in items])
+        return out
+
+    full = DatasetData(sets["train"], collate)
+    tr, va = full.holdout(cfg.data.val_fraction, seed=0) if cfg.data.val_fraction > 0 else (full, None)
+    tr = tr.subset(subset_indices(len(tr), o.train_subset, 0))
+    te = DatasetData(sets["val"], collate)
+    te = te.subset(subset_indices(len(te), o.eval_subset, 2))
+    if va is not None:
+        va = va.subset(subset_indices(len(va), o.eval_subset, 1))
+    w = m.width
+    heads = StageSpec(lambda n: DenseHeadBank(n, 8 * w, m.out_features, max(widths[t] for t in tasks)),
+                      f"dense heads {8 * w}->{m.out_features}->max width")
+
+    def losses(out: Tensor, batch: dict) -> Tensor:
+        ls = []
+        for i, t in enumerate(tasks):
+            y = batch[t]
+            p = _up(_slice(out, i, widths[t]).float(), y)
+            if t == "segmentation":
+                ce = F.cross_entropy(p, y.clamp_min(0), reduction="none")
+                ls.append(_masked_mean(ce, (y >= 0).to(ce.dtype)))
+            elif t == "depth":
+                ls.append(_masked_mean((p - y).abs(), (y != 0).to(p.dtype)))
+            else:
+                mk = (y != 0).any(1).to(p.dtype)
+                ls.append(_masked_mean(1 - (F.normalize(p, dim=1) * y).sum(1), mk))
+        return torch.stack(ls)
+
+    return TaskAdapter(
+        cfg.data.name, tasks, _spec(tasks, dense_resnet18_stages(3, w), heads, m, cfg.seed), True, tr, va, te,
+        inputs=lambda b: (b["x"], None), losses=losses, metrics=lambda: SceneMetrics(tasks, widths),
+        lower_is_better=_lib(tasks, SCENE_METRICS),
+        info={"root": str(root), "n_classes": n_classes,
+              "sizes": {"train": len(tr), "val": 0 if va is None else len(va), "test": len(te)}},
+    )
+
+
+# ---- GLUE -------------------------------------------------------------------------------------------------
+class GlueMetrics:
+    """GLUE's metrics per task from the valid rows of every evaluation batch."""
+
+    def __init__(self, tasks, regression: list[bool]):
+        self.tasks, self.regression = tasks, regression
+        self.preds: list[list[Tensor]] = [[] for _ in tasks]
+        self.labels: list[list[Tensor]] = [[] for _ in tasks]
+
+    def update(self, out: Tensor, batch: dict) -> None:
+        for i in range(len(self.tasks)):
+            v = batch["valid"][i]
+            p = out[i, v, 0] * 5.0 if self.regression[i] else out[i, v, :2]
+            self.preds[i].append(p.float().cpu())
+            self.labels[i].append(batch["y"][i, v].cpu())
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        from .nlp import glue_metrics
+
+        out = {}
+        for i, t in enumerate(self.tasks):
+            y = torch.cat(self.labels[i])
+            out[t] = glue_metrics(t, torch.cat(self.preds[i]), y if self.regression[i] else y.long())
+        return out
+
+
+def _glue(cfg: Config, o: GlueData, m: TransformerModel, tasks) -> TaskAdapter:
+    from .nlp import GLUE_TASKS, GlueDataset, GlueSplit, WordPieceTokenizer, read_glue
+    from .supervised_data import holdout_indices
+
+    root = data_root(cfg)
+
+    def pick(s: GlueSplit, idx: np.ndarray) -> GlueSplit:
+        b = None if s.text_b is None else [s.text_b[i] for i in idx]
+        return GlueSplit(s.task, s.split, [s.text_a[i] for i in idx], b, s.labels[idx])
+
+    # choose the examples first, then learn the vocabulary on the training text actually used
+    train, val, test = [], [], []
+    for t, task in enumerate(tasks):
+        full = read_glue(root, task, "train")
+        keep, held = holdout_indices(len(full), cfg.data.val_fraction, seed=t)
+        train.append(pick(full, keep[subset_indices(len(keep), o.train_subset, t)]))
+        val.append(pick(full, held[subset_indices(len(held), o.eval_subset, t + 100)]))
+        dev = read_glue(root, task, "dev")
+        test.append(pick(dev, subset_indices(len(dev), o.eval_subset, t + 200)))
+    tok = WordPieceTokenizer.train((x for s in train for x in s.text_a + (s.text_b or [])), o.vocab_size,
+                                   o.min_frequency)
+
+    def encode(s: GlueSplit) -> TensorData:
+        ds = GlueDataset(s, tok, o.max_len)
+        return TensorData({"x": ds.ids, "mask": ds.mask, "y": ds.labels.float()})
+
+    train_parts, test_parts = [encode(s) for s in train], [encode(s) for s in test]
+    val_parts = [encode(s) for s in val] if all(len(s) for s in val) else []
+    regression = [GLUE_TASKS[t].is_regression for t in tasks]
+    width = max(GLUE_TASKS[t].n_outputs for t in tasks)
+    stages = transformer_stages(len(tok), m.d_model, m.n_heads, m.d_ff, m.n_layers, o.max_len, m.dropout)
+    heads = classification_heads(m.d_model, width)
+
+    def losses(out: Tensor, batch: dict) -> Tensor:
+        # STS-B regresses score / 5 (in [0, 1]) so its MSE is on the scale of the cross-entropies
+        y, valid = batch["y"], batch["valid"].float()
+        ls = []
+        for i in range(len(tasks)):
+            if regression[i]:
+                per = (out[i, :, 0].float() - y[i] / 5.0) ** 2
+            else:
+                per = F.cross_entropy(out[i, :, :2].float(), y[i].long(), reduction="none")
+            ls.append(_masked_mean(per, valid[i]))
+        return torch.stack(ls)
+
+    metric_names = {t: GLUE_TASKS[t].metrics for t in tasks}
+    return TaskAdapter(
+        "glue", tasks, _spec(tasks, stages, heads, m, cfg.seed), False,
+        PerTaskData(train_parts), PerTaskData(val_parts) if len(val_parts) == len(tasks) else None,
+        PerTaskData(test_parts), inputs=lambda b: (b["x"], b["mask"]), losses=losses,
+        metrics=lambda: GlueMetrics(tasks, regression), lower_is_better=_lib(tasks, metric_names),
+        info={"root": str(root), "vocab_size": len(tok), "regression": regression, "head_width": width,
+              "sizes": {"train": [len(p) for p in train_parts], "val": [len(p) for p in val_parts],
+                        "test": [len(p) for p in test_parts]}},
+    )
