@@ -1,0 +1,50 @@
+"""``mtrl-arch bench``: the benchmarks run with tiny sizes and print valid JSON with their keys (no timings checked)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtrl_arch import bench
+from mtrl_arch.config import ConfigError
+
+TINY_TRUNK = ["reps=1", "iters=1", "warmup=0", "tasks=3", "width=8", "batch=4", "input=5",
+              "pro_tasks=[2,4]", "pro_steps=2", "pro_reps=1", "pro_width=4"]
+
+
+def run(capsys, what: str, options: list[str]) -> dict:
+    assert bench.main(what, True, options) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_trunk_bench_prints_json_with_its_keys(capsys, tmp_path) -> None:
+    out = tmp_path / "bench_trunk.json"
+    res = run(capsys, "trunk", [*TINY_TRUNK, f"out={out}"])
+    for k in ("stl_over_hps", "conal_over_hps", "conal_search_over_hps", "conal_search_cn_over_hps"):
+        assert isinstance(res[k], float) and res[k] > 0, k
+    assert set(res["conal_pro"]["per_tasks"]) == {"2", "4"}
+    assert len(res["conal_pro"]["per_tasks"]["4"]["stage_ms"]) == 4
+    for k in ("machine", "versions", "load_average", "options", "seed"):
+        assert k in res, k
+    assert res["versions"]["torch"] and res["machine"]["torch_threads"] >= 1
+    assert json.loads(out.read_text()) == res
+
+
+def test_sac_update_bench_prints_json_with_its_keys(capsys) -> None:
+    res = run(capsys, "sac-update", ["reps=1", "iters=1", "warmup=0", "tasks=2", "batch=4", "hidden=[8,8]", "obs=5",
+                                     "action=2", "buffer=64", "search=false"])
+    for k in ("sb3_updates_per_s", "ours_updates_per_s", "speedup_vs_sb3", "conal_speedup_vs_sb3", "ours_gflops",
+              "matmul_gflops", "ours_fraction_of_matmul_peak", "flop_formula"):
+        assert k in res, k
+    # the FLOP formula for these sizes: N=8 rows, actor 5-8-8-4, critic 7-8-8-1
+    pa, pc = 5 * 8 + 8 * 8 + 8 * 4, 7 * 8 + 8 * 8 + 8
+    assert res["gflop_per_update_ours"] * 1e9 == pytest.approx(2 * 8 * (3 * pa + (pa - 40) + 10 * pc + 2 * (pc - 56)))
+
+
+def test_bad_options_are_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'reps'"):
+        bench.main("trunk", True, ["rep=1"])
+    with pytest.raises(ConfigError, match="must be like"):
+        bench.main("trunk", True, ["reps=many"])
+    with pytest.raises(ConfigError, match="unknown benchmark"):
+        bench.main("trunks", True, [])
