@@ -45,11 +45,9 @@ imports envs/).
 from __future__ import annotations
 
 import contextlib
-import math
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 

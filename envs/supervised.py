@@ -15,7 +15,9 @@ to know about one benchmark, and nothing about training:
   ``lower_is_better[task][metric]``.
 
 The loop is duck-typed against these attributes (agents/ never imports envs/; build.py
-hands :func:`make_adapter` to the loop).
+hands :func:`make_adapter` to the loop). This file holds the registry, the option
+classes and the Multi-* and CelebA adapters; NYUv2/CityScapes are in
+:mod:`.supervised_scenes`, GLUE in :mod:`.supervised_glue`.
 
 Benchmarks (``data.name``), their tasks and backbones (``model.backbone``):
 
@@ -61,7 +63,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -70,9 +71,8 @@ from mtrl_arch import metrics as M
 from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.search.base import TrunkSpec
 
-from .backbones import (ConvStageBank, ResNetBasicBlockBank, StageSpec, classification_heads, lenet_stages,
-                        resnet18_stages, transformer_stages)
-from .supervised_data import DatasetData, PerTaskData, TensorData, subset_indices
+from .backbones import StageSpec, classification_heads, lenet_stages, resnet18_stages
+from .supervised_data import DatasetData, TensorData, subset_indices
 
 
 @dataclass
@@ -223,7 +223,12 @@ def data_root(cfg: Config) -> Path:
 def make_adapter(cfg: Config) -> TaskAdapter:
     """The adapter for ``cfg.data.name``; raises ConfigError (bad config) or DataError (missing data)."""
     data_opts, model_opts, tasks = check_config(cfg)
-    build = {"celeba": _celeba, "nyuv2": _scenes, "cityscapes": _scenes, "glue": _glue}.get(cfg.data.name, _multi_digit)
+    if cfg.data.name in ("nyuv2", "cityscapes"):
+        from .supervised_scenes import build_scenes as build
+    elif cfg.data.name == "glue":
+        from .supervised_glue import build_glue as build
+    else:
+        build = _celeba if cfg.data.name == "celeba" else _multi_digit
     return build(cfg, data_opts, model_opts, tasks)
 
 
@@ -278,6 +283,10 @@ class ClassificationMetrics:
 
     def compute(self) -> dict[str, dict[str, float]]:
         return {t: {"accuracy": float(self.correct[i] / max(self.n, 1))} for i, t in enumerate(self.tasks)}
+
+
+def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    return (x * m).sum() / m.sum().clamp_min(1)
 
 
 def _classification_losses(out: Tensor, batch: dict) -> Tensor:
@@ -351,232 +360,4 @@ def _celeba(cfg: Config, o: CelebAData, m: ResNetModel, tasks) -> TaskAdapter:
         inputs=lambda b: (b["x"], None), losses=_classification_losses, metrics=lambda: ClassificationMetrics(tasks),
         lower_is_better=_lib(tasks, {t: ("accuracy",) for t in tasks}),
         info={"root": str(root), "sizes": {"train": len(tr), "val": len(va), "test": len(te)}},
-    )
-
-
-# ---- NYUv2 / CityScapes (dense prediction) -------------------------------------------------------------
-class DenseHeadBank(nn.Module):
-    """Per-task dense head: conv 3x3 (cin -> hidden) + ReLU + conv 1x1 (hidden -> out), at the trunk's resolution.
-
-    A plain convolutional head (LibMTL uses ASPP on a dilated ResNet; MTAN a SegNet
-    decoder); predictions are upsampled bilinearly to the label size in the losses and
-    metrics.
-    """
-
-    def __init__(self, n_modules: int, cin: int, hidden: int, out: int):
-        super().__init__()
-        self.n_modules = n_modules
-        self.conv1 = ConvStageBank(n_modules, cin, hidden, 3, 1, 1, bn=False, relu=True)
-        self.conv2 = ConvStageBank(n_modules, hidden, out, 1, 1, 0, bn=False, relu=False)
-
-    def forward(self, x: Tensor, idx, aux: Tensor | None = None) -> Tensor:
-        return self.conv2(self.conv1(x, idx), idx)
-
-
-def dense_resnet18_stages(in_ch: int = 3, width: int = 64) -> list[StageSpec]:
-    """ResNet-18 as a dense encoder of output stride 8, 9 stages.
-
-    Stem 7x7/2 conv + BN + ReLU (no max-pool), then the eight BasicBlocks with strides
-    1, 1, 2, 1, 2, 1, 1, 1 (the last stage keeps stride 1, as LibMTL's dilated ResNet; no
-    dilation here): ``[3, H, W] -> [8w, H/8, W/8]``. Residual-shaped (skippable) blocks:
-    stages 1, 2, 4, 6, 8.
-    """
-    w = width
-    specs = [StageSpec(lambda n: ConvStageBank(n, in_ch, w, 7, 2, 3, bn=True, relu=True, kaiming=True),
-                       f"stem {in_ch}->{w} 7x7/2")]
-    plan = [(w, w, 1), (w, w, 1), (w, 2 * w, 2), (2 * w, 2 * w, 1),
-            (2 * w, 4 * w, 2), (4 * w, 4 * w, 1), (4 * w, 8 * w, 1), (8 * w, 8 * w, 1)]
-    for cin, cout, s in plan:
-        specs.append(StageSpec(lambda n, cin=cin, cout=cout, s=s: ResNetBasicBlockBank(n, cin, cout, s),
-                               f"basic {cin}->{cout}/{s}", residual_shaped=(cin == cout and s == 1)))
-    return specs
-
-
-def _up(pred: Tensor, like: Tensor) -> Tensor:
-    size = like.shape[-2:]
-    return pred if pred.shape[-2:] == size else F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
-
-
-def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
-    return (x * m).sum() / m.sum().clamp_min(1)
-
-
-class SceneMetrics:
-    """mIoU / pixel accuracy (segmentation), absolute / relative error (depth), angle errors (normal)."""
-
-    def __init__(self, tasks, widths: dict[str, int]):
-        self.tasks, self.widths = tasks, widths
-        self.conf = M.ConfusionMatrix(widths["segmentation"], ignore_index=-1) if "segmentation" in tasks else None
-        self.depth = torch.zeros(3, dtype=torch.float64)  # sum |e|, sum |e|/t, count
-        self.angles: list[Tensor] = []
-
-    def update(self, out: Tensor, batch: dict) -> None:
-        for i, t in enumerate(self.tasks):
-            p = _up(_slice(out, i, self.widths[t]).float(), batch[t])
-            if t == "segmentation":
-                self.conf.update(p.argmax(1), batch[t])
-            elif t == "depth":
-                y = batch[t]
-                mk = y != 0
-                e = (p - y).abs()[mk]
-                self.depth += torch.stack([e.sum(), (e / y[mk].abs()).sum(), torch.tensor(float(e.numel()))]).double().cpu()
-            else:
-                y = batch[t]
-                mk = (y != 0).any(1)
-                cos = (F.normalize(p, dim=1) * y).sum(1).clamp(-1, 1)[mk]
-                self.angles.append(torch.rad2deg(torch.acos(cos)).cpu())
-
-    def compute(self) -> dict[str, dict[str, float]]:
-        out = {}
-        for t in self.tasks:
-            if t == "segmentation":
-                out[t] = self.conf.compute()
-            elif t == "depth":
-                n = max(float(self.depth[2]), 1.0)
-                out[t] = {"abs_err": float(self.depth[0]) / n, "rel_err": float(self.depth[1]) / n}
-            else:
-                a = torch.cat(self.angles).double() if self.angles else torch.zeros(1, dtype=torch.float64)
-                out[t] = {"mean": float(a.mean()), "median": float(a.median()),
-                          **{f"within_{th}": float((a < th).double().mean()) for th in (11.25, 22.5, 30)}}
-        return out
-
-
-SCENE_METRICS = {"segmentation": ("miou", "pixel_acc"), "depth": ("abs_err", "rel_err"),
-                 "normal": ("mean", "median", "within_11.25", "within_22.5", "within_30")}
-
-
-def _scenes(cfg: Config, o: SceneData, m: ResNetModel, tasks) -> TaskAdapter:
-    from .vision import CityScapes, NYUv2
-
-    root = data_root(cfg)
-    if cfg.data.name == "nyuv2":
-        sets = {s: NYUv2(root, s) for s in ("train", "val")}
-    else:
-        if o.n_classes not in (7, 19):
-            raise ConfigError(f"data.options.n_classes must be 7 or 19; got {o.n_classes}")
-        sets = {s: CityScapes(root, s, o.n_classes) for s in ("train", "val")}
-    n_classes = sets["train"].n_classes
-    widths = {"segmentation": n_classes, "depth": 1, "normal": 3}
-
-    def collate(items):
-        out = {"x": torch.stack([x for x, _ in items])}
-        for t in tasks:
-            out[t] = torch.stack([y[t] for _, y in items])
-        return out
-
-    full = DatasetData(sets["train"], collate)
-    tr, va = full.holdout(cfg.data.val_fraction, seed=0) if cfg.data.val_fraction > 0 else (full, None)
-    tr = tr.subset(subset_indices(len(tr), o.train_subset, 0))
-    te = DatasetData(sets["val"], collate)
-    te = te.subset(subset_indices(len(te), o.eval_subset, 2))
-    if va is not None:
-        va = va.subset(subset_indices(len(va), o.eval_subset, 1))
-    w = m.width
-    heads = StageSpec(lambda n: DenseHeadBank(n, 8 * w, m.out_features, max(widths[t] for t in tasks)),
-                      f"dense heads {8 * w}->{m.out_features}->max width")
-
-    def losses(out: Tensor, batch: dict) -> Tensor:
-        ls = []
-        for i, t in enumerate(tasks):
-            y = batch[t]
-            p = _up(_slice(out, i, widths[t]).float(), y)
-            if t == "segmentation":
-                ce = F.cross_entropy(p, y.clamp_min(0), reduction="none")
-                ls.append(_masked_mean(ce, (y >= 0).to(ce.dtype)))
-            elif t == "depth":
-                ls.append(_masked_mean((p - y).abs(), (y != 0).to(p.dtype)))
-            else:
-                mk = (y != 0).any(1).to(p.dtype)
-                ls.append(_masked_mean(1 - (F.normalize(p, dim=1) * y).sum(1), mk))
-        return torch.stack(ls)
-
-    return TaskAdapter(
-        cfg.data.name, tasks, _spec(tasks, dense_resnet18_stages(3, w), heads, m, cfg.seed), True, tr, va, te,
-        inputs=lambda b: (b["x"], None), losses=losses, metrics=lambda: SceneMetrics(tasks, widths),
-        lower_is_better=_lib(tasks, SCENE_METRICS),
-        info={"root": str(root), "n_classes": n_classes,
-              "sizes": {"train": len(tr), "val": 0 if va is None else len(va), "test": len(te)}},
-    )
-
-
-# ---- GLUE -------------------------------------------------------------------------------------------------
-class GlueMetrics:
-    """GLUE's metrics per task from the valid rows of every evaluation batch."""
-
-    def __init__(self, tasks, regression: list[bool]):
-        self.tasks, self.regression = tasks, regression
-        self.preds: list[list[Tensor]] = [[] for _ in tasks]
-        self.labels: list[list[Tensor]] = [[] for _ in tasks]
-
-    def update(self, out: Tensor, batch: dict) -> None:
-        for i in range(len(self.tasks)):
-            v = batch["valid"][i]
-            p = out[i, v, 0] * 5.0 if self.regression[i] else out[i, v, :2]
-            self.preds[i].append(p.float().cpu())
-            self.labels[i].append(batch["y"][i, v].cpu())
-
-    def compute(self) -> dict[str, dict[str, float]]:
-        from .nlp import glue_metrics
-
-        out = {}
-        for i, t in enumerate(self.tasks):
-            y = torch.cat(self.labels[i])
-            out[t] = glue_metrics(t, torch.cat(self.preds[i]), y if self.regression[i] else y.long())
-        return out
-
-
-def _glue(cfg: Config, o: GlueData, m: TransformerModel, tasks) -> TaskAdapter:
-    from .nlp import GLUE_TASKS, GlueDataset, GlueSplit, WordPieceTokenizer, read_glue
-    from .supervised_data import holdout_indices
-
-    root = data_root(cfg)
-
-    def pick(s: GlueSplit, idx: np.ndarray) -> GlueSplit:
-        b = None if s.text_b is None else [s.text_b[i] for i in idx]
-        return GlueSplit(s.task, s.split, [s.text_a[i] for i in idx], b, s.labels[idx])
-
-    # choose the examples first, then learn the vocabulary on the training text actually used
-    train, val, test = [], [], []
-    for t, task in enumerate(tasks):
-        full = read_glue(root, task, "train")
-        keep, held = holdout_indices(len(full), cfg.data.val_fraction, seed=t)
-        train.append(pick(full, keep[subset_indices(len(keep), o.train_subset, t)]))
-        val.append(pick(full, held[subset_indices(len(held), o.eval_subset, t + 100)]))
-        dev = read_glue(root, task, "dev")
-        test.append(pick(dev, subset_indices(len(dev), o.eval_subset, t + 200)))
-    tok = WordPieceTokenizer.train((x for s in train for x in s.text_a + (s.text_b or [])), o.vocab_size,
-                                   o.min_frequency)
-
-    def encode(s: GlueSplit) -> TensorData:
-        ds = GlueDataset(s, tok, o.max_len)
-        return TensorData({"x": ds.ids, "mask": ds.mask, "y": ds.labels.float()})
-
-    train_parts, test_parts = [encode(s) for s in train], [encode(s) for s in test]
-    val_parts = [encode(s) for s in val] if all(len(s) for s in val) else []
-    regression = [GLUE_TASKS[t].is_regression for t in tasks]
-    width = max(GLUE_TASKS[t].n_outputs for t in tasks)
-    stages = transformer_stages(len(tok), m.d_model, m.n_heads, m.d_ff, m.n_layers, o.max_len, m.dropout)
-    heads = classification_heads(m.d_model, width)
-
-    def losses(out: Tensor, batch: dict) -> Tensor:
-        # STS-B regresses score / 5 (in [0, 1]) so its MSE is on the scale of the cross-entropies
-        y, valid = batch["y"], batch["valid"].float()
-        ls = []
-        for i in range(len(tasks)):
-            if regression[i]:
-                per = (out[i, :, 0].float() - y[i] / 5.0) ** 2
-            else:
-                per = F.cross_entropy(out[i, :, :2].float(), y[i].long(), reduction="none")
-            ls.append(_masked_mean(per, valid[i]))
-        return torch.stack(ls)
-
-    metric_names = {t: GLUE_TASKS[t].metrics for t in tasks}
-    return TaskAdapter(
-        "glue", tasks, _spec(tasks, stages, heads, m, cfg.seed), False,
-        PerTaskData(train_parts), PerTaskData(val_parts) if len(val_parts) == len(tasks) else None,
-        PerTaskData(test_parts), inputs=lambda b: (b["x"], b["mask"]), losses=losses,
-        metrics=lambda: GlueMetrics(tasks, regression), lower_is_better=_lib(tasks, metric_names),
-        info={"root": str(root), "vocab_size": len(tok), "regression": regression, "head_width": width,
-              "sizes": {"train": [len(p) for p in train_parts], "val": [len(p) for p in val_parts],
-                        "test": [len(p) for p in test_parts]}},
     )
