@@ -1,0 +1,107 @@
+"""mtrl_arch.report on run directories written by the real writers (run info, Logger, arch.json)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from mtrl_arch.cli import main  # noqa: E402
+from mtrl_arch.config import ConfigError, load_config  # noqa: E402
+from mtrl_arch.logger import Logger  # noqa: E402
+from mtrl_arch.report import group_runs, load_run, make_report  # noqa: E402
+from mtrl_arch.run import write_arch, write_run_info  # noqa: E402
+from mtrl_arch.tree import Tree  # noqa: E402
+
+TASKS = ("reach-v3", "push-v3", "pick-place-v3")
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def make_rl_run(root: Path, method: str, seed: int, success: dict[str, list[float]]) -> Path:
+    cfg = load_config("mt10_hps", [f"arch.method={method}", f"seed={seed}", f"env.tasks=[{','.join(TASKS)}]",
+                                     "arch.search_steps=100", f"run_dir={root / f'{method}-s{seed}'}"])
+    d = Path(cfg.run_dir)
+    write_run_info(d, cfg)
+    lg = Logger(d, None)
+    lg.log({"params/actor/total": 1000, "params/critic/total": 2000}, 0)
+    for i, step in enumerate((1000, 2000, 3000)):
+        lg.log({"train/critic_loss": 1.0 / (i + 1), "time/env_steps_per_s": 100.0}, step)
+        vals = {t: success[t][i] for t in TASKS}
+        lg.log({**{f"eval/success_rate/{t}": v for t, v in vals.items()},
+                "eval/success_rate/mean": sum(vals.values()) / len(vals),
+                **{f"eval/return/{t}": 10.0 * v for t, v in vals.items()}}, step)
+    lg.close()
+    if method == "conal":
+        trees = {"actor": Tree.from_branch_points(TASKS, 3, [2, 2, 0 if seed else 1]),
+                 "critic": Tree(TASKS, (((0, 1, 2),), ((0, 1), (2,)), ((0,), (1,), (2,))), method="conal")}
+    else:
+        trees = {"actor": Tree.hps(TASKS, 3), "critic": Tree.hps(TASKS, 3)}
+    write_arch(d, trees)
+    return d
+
+
+@pytest.fixture
+def rl_runs(tmp_path):
+    runs = []
+    for seed in (0, 1):
+        s = 0.1 * seed
+        runs.append(make_rl_run(tmp_path, "conal", seed, {"reach-v3": [0.2 + s, 0.5 + s, 0.8 + s],
+                                                          "push-v3": [0.0, 0.1, 0.2 + s], "pick-place-v3": [0, 0, s]}))
+        runs.append(make_rl_run(tmp_path, "hps", seed, {"reach-v3": [0.1, 0.3, 0.4 + s],
+                                                        "push-v3": [0.0, 0.0, 0.1], "pick-place-v3": [0, 0, 0]}))
+    return runs
+
+
+def test_groups_ignore_seed_and_run_dir(rl_runs):
+    groups = group_runs([load_run(p) for p in rl_runs])
+    assert sorted((label, len(m)) for label, m in groups) == [("arch.method=conal", 2), ("arch.method=hps", 2)]
+
+
+def test_report_figures_trees_and_table(rl_runs, tmp_path):
+    out = make_report(rl_runs, tmp_path / "report")
+    assert out == tmp_path / "report"
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["success_rate.png", "tree-conal-s0.png", "tree-conal-s1.png", "tree-hps-s0.png", "tree-hps-s1.png"]
+    for p in out.glob("*.png"):
+        assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000
+    md = (out / "summary.md").read_text()
+    # conal final mean over tasks: seed 0 (0.8+0.2+0)/3 = 0.333, seed 1 (0.9+0.3+0.1)/3 = 0.433
+    assert "| arch.method=conal | 2 | 0.383 ± 0.071 | 0.850 ± 0.071 |" in md
+    assert "| arch.method=hps | 2 | 0.183 ± 0.024 |" in md
+    assert "| conal-s1 | 1 | 0.433 | 3,000 | actor 1,000, critic 2,000 |" in md
+    assert "![success_rate](success_rate.png)" in md
+    data = json.loads((out / "summary.json").read_text())
+    assert data["metric"] == "success_rate" and len(data["runs"]) == 4
+
+
+def test_default_output_folder_and_cli(rl_runs, capsys):
+    assert main(["report", str(rl_runs[0])]) == 0
+    assert (rl_runs[0] / "report" / "summary.md").is_file()
+    assert "report written to" in capsys.readouterr().out
+
+
+def test_supervised_metrics_and_search_not_finished(tmp_path):
+    cfg = load_config(None, ["domain=supervised", "data.name=multi_mnist", "arch.method=hps",
+                             f"run_dir={tmp_path / 'sup'}"])
+    d = Path(cfg.run_dir)
+    write_run_info(d, cfg)
+    lg = Logger(d, None)
+    for epoch in (1, 2, 3):
+        lg.log({"eval/accuracy/top_left": 0.5 + 0.1 * epoch, "eval/accuracy/bottom_right": 0.4 + 0.1 * epoch,
+                "eval/loss/top_left": 1.0 / epoch, "eval/loss/bottom_right": 1.2 / epoch, "eval/delta_m": 0.0}, epoch)
+    lg.close()
+    out = make_report([d], tmp_path / "rep")
+    assert sorted(p.name for p in out.glob("*.png")) == ["accuracy.png", "loss.png"]  # no arch.json: no tree
+    md = (out / "summary.md").read_text()
+    assert "Final `eval/accuracy`" in md and "| 0.750 | 0.800 | 0.700 |" in md
+
+
+def test_not_a_run_directory(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="expected a folder with config.yaml and metrics.jsonl"):
+        make_report([tmp_path / "nothing"])
+    (tmp_path / "half").mkdir()
+    assert main(["report", str(tmp_path / "half")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no config.yaml" in err
