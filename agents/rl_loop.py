@@ -217,6 +217,8 @@ class RLRun:
         log_every = max(1, cfg.train.log_every // T)
         if self.obs is None or self.vector_step % self.episode_len == 0:
             self._restore_env()
+        if self.vector_step < n_vector:  # e.g. a finished run resumed with a larger train.total_env_steps
+            self.final_eval_done = False
         cb = _as_callback(callback, agent, self)
         cb.on_training_start(locals(), globals())
         flag = self.stop_flag
@@ -228,6 +230,9 @@ class RLRun:
                     action = self.np_rng.uniform(-1.0, 1.0, size=(T, agent.action_dim)).astype(np.float32)
                 else:
                     action = agent.act(self.obs, deterministic=False)
+                    if not np.isfinite(action).all():  # never feed NaN to the simulator; name the cause
+                        self.check_finite()
+                        raise NonFiniteError(f"non-finite action at env step {self.num_timesteps}; {self._kept()}")
                 next_obs, reward, terminated, truncated, info = env.step(action)
                 agent.replay.add(self.obs, action, reward, info.get("final_obs", next_obs), terminated)
                 self.obs = next_obs

@@ -187,6 +187,16 @@ def test_sigterm_saves_flushes_exits_0_and_resumes_exactly(bench, reference, tmp
     assert_same_state(final_state(d), final_state(reference))
 
 
+def test_finished_run_resumed_with_a_larger_budget_trains_on(reference, tmp_path, capsys):
+    d = _finished_copy(reference, tmp_path)
+    capsys.readouterr()
+    assert main(["train", "--no-progress", "--resume", str(d), "train.total_env_steps=480"]) == 0
+    lines, before = metric_lines(d), metric_lines(reference)
+    assert lines[:len(before)] == before
+    assert [r["step"] for r in lines[len(before):] if "train/n_updates" in r] == [440, 480]
+    assert lines[-1]["step"] == 480 and "eval/success_rate/mean" in lines[-1]  # a new final evaluation
+
+
 def test_sigint_saves_and_exits_0(bench, tmp_path):
     d = tmp_path / "run"
     p = start(bench, *train_args(d, "train.checkpoint_every=1000"))  # only the stop writes a checkpoint
