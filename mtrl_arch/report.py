@@ -215,9 +215,16 @@ _KIND_COLOR = {"shared": "#2b6cb0", "subgroup": "#dd8a2b", "specific": "#b8c4d0"
 
 
 def draw_tree(ax, tree: Tree, title: str) -> None:
-    """Modules per stage (columns) as nodes at the mean row of their tasks; every task's path as edges."""
+    """Modules per stage (columns) as nodes at the mean row of their tasks; every task's path as edges.
+
+    Rows are the tasks sorted by their path (lexicographically by the module they use at each
+    stage), so the tasks of a module form one block of rows at every stage of a nested tree
+    (CoNAL, LTB) and no two nodes of a stage overlap. A node is labelled with its number of
+    tasks ("all" for an all-shared module); a task-specific node sits on its task's row.
+    """
     T, L = tree.n_tasks, tree.n_stages
-    y = {t: T - 1 - t for t in range(T)}  # first task on top
+    order = sorted(range(T), key=lambda t: tuple(min(g) if (g := tree.group_of(s, t)) else T for s in range(L)))
+    y = {t: T - 1 - i for i, t in enumerate(order)}  # sorted path order, top to bottom
 
     def node_y(g) -> float:
         return sum(y[t] for t in g) / len(g)
@@ -240,14 +247,14 @@ def draw_tree(ax, tree: Tree, title: str) -> None:
     for s, groups in enumerate(tree.stages):
         for g in groups:
             kind = tree.kind(g)
-            label = "S" if kind == "shared" else ("".join(str(t) for t in g) if len(g) < 5 else f"{len(g)}")
-            ax.scatter([s], [node_y(g)], s=260 if kind != "specific" else 120, color=_KIND_COLOR[kind],
+            ax.scatter([s], [node_y(g)], s=280 if kind != "specific" else 60, color=_KIND_COLOR[kind],
                        edgecolor="black", lw=0.6, zorder=3)
-            ax.text(s, node_y(g), label, ha="center", va="center", fontsize=6.5, zorder=4,
-                    color="white" if kind == "shared" else "black")
+            if kind != "specific":
+                ax.text(s, node_y(g), "all" if kind == "shared" else str(len(g)), ha="center", va="center",
+                        fontsize=6.5, zorder=4, color="white" if kind == "shared" else "black")
     ax.scatter([x_in], [(T - 1) / 2], s=60, color="black", zorder=3)
     for t, name in enumerate(tree.tasks):
-        ax.text(L + 0.08, y[t], f"{t}: {name}", va="center", fontsize=7)
+        ax.text(L + 0.08, y[t], name, va="center", fontsize=7)
     ax.set_xticks([x_in, *range(L)], ["input", *[f"stage {s}" for s in range(L)]], fontsize=7)
     ax.set_yticks([])
     ax.set_xlim(x_in - 0.3, L + 1.6)
@@ -367,8 +374,8 @@ def make_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     groups = group_runs(runs)
     figures = []
     metrics = list(dict.fromkeys(m for r in runs for m in r.curves))
-    if runs[0].cfg.domain == "rl":
-        metrics = [m for m in metrics if m == "success_rate"] or metrics
+    if runs[0].cfg.domain == "rl":  # success first (the benchmark's measure), return shows progress before success
+        metrics = [m for m in ("success_rate", "return") if m in metrics] or metrics
     for m in metrics:
         p = plot_metric(groups, m, out / f"{_safe(m)}.png")
         if p is not None:

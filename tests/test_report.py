@@ -63,7 +63,7 @@ def test_report_figures_trees_and_table(rl_runs, tmp_path):
     out = make_report(rl_runs, tmp_path / "report")
     assert out == tmp_path / "report"
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["success_rate.png", "tree-conal-s0.png", "tree-conal-s1.png", "tree-hps-s0.png", "tree-hps-s1.png"]
+    assert pngs == ["return.png", "success_rate.png", "tree-conal-s0.png", "tree-conal-s1.png", "tree-hps-s0.png", "tree-hps-s1.png"]
     for p in out.glob("*.png"):
         assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000
     md = (out / "summary.md").read_text()
