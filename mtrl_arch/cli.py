@@ -1,11 +1,13 @@
-"""``mtrl-arch``: train | eval | arch | bench | report. Parses, builds, runs; nothing else.
+"""``mtrl-arch``: train | eval | arch | bench | report | sweep. Parses, builds, runs; nothing else.
 
 Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint;
 2 user error (bad config, missing or damaged data, bad or incompatible run directory or
-checkpoint); 3 training diverged (a non-finite loss or parameter; the last good checkpoint
-is kept); 4 a checkpoint could not be written (e.g. disk full; the previous ones are
-intact); 1 anything unexpected (with a traceback). Exit codes 2-4 print one line on
-stderr and no traceback; ``--debug`` shows the traceback instead.
+checkpoint; ``sweep``: a bad grid, or no Ray where one is asked for); 3 training diverged
+(a non-finite loss or parameter; the last good checkpoint is kept); 4 a checkpoint could
+not be written (e.g. disk full; the previous ones are intact); 1 anything unexpected (with
+a traceback), or for ``sweep`` one or more failed trials (listed in one line; the others
+ran to the end). Exit codes 2-4 print one line on stderr and no traceback; ``--debug``
+shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -97,6 +99,20 @@ def _report(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from . import sweep
+
+    seeds = sweep.parse_seeds(args.seeds) if args.seeds else [load_config(args.config).seed]
+    res = sweep.run_sweep(args.config, args.overrides, seeds, Path(args.out) if args.out else None, args.address,
+                          args.cpus_per_trial, args.gpus_per_trial, args.runner, args.trial_timeout, check=_preflight)
+    print(f"sweep summary: {res['out']}/summary.md ({res['n_ok']} of {res['n_trials']} trials finished)")
+    if res["failed"]:
+        print(f"error: {len(res['failed'])} of {res['n_trials']} trial(s) failed: "
+              + "; ".join(f"{f['trial']} ({f['why']})" for f in res["failed"]), file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mtrl-arch", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -120,6 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("options", nargs="*", help="key=value options of the benchmark")
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=_bench)
+    w = sub.add_parser("sweep", help="a grid of overrides x seeds, one run per trial, on Ray or local processes")
+    w.add_argument("config", help="a config name from configs/ or a YAML path")
+    w.add_argument("overrides", nargs="*", help="key=v1,v2 (the grid: every combination) or key=v (every trial)")
+    w.add_argument("--seeds", help="comma list of seeds, e.g. 0,1,2 (default: the config's seed)")
+    w.add_argument("--address", help="an existing Ray cluster (e.g. ray://head:10001 or auto); default: a local Ray")
+    w.add_argument("--cpus-per-trial", type=float, default=1.0)
+    w.add_argument("--gpus-per-trial", type=float, default=0.0)
+    w.add_argument("--runner", choices=("auto", "ray", "local"), default="auto",
+                   help="auto: Ray when installed, else local subprocesses")
+    w.add_argument("--trial-timeout", type=float, default=None, metavar="S", help="stop a trial after S seconds")
+    w.add_argument("--out", help="sweep folder (default runs/sweep-NAME-TIMESTAMP)")
+    w.set_defaults(fn=_sweep)
     r = sub.add_parser("report", help="figures and a summary table for one or more runs")
     r.add_argument("run_dirs", nargs="+")
     r.add_argument("--out", help="output folder (default: the first run's report/)")
@@ -137,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     # key=value pairs may also follow flags (`train mt10_quick --no-progress seed=1`)
     if extra:
-        target = {"train": "overrides", "bench": "options"}.get(args.command)
+        target = {"train": "overrides", "bench": "options", "sweep": "overrides"}.get(args.command)
         if target is None or not all("=" in x and not x.startswith("-") for x in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, target, [*getattr(args, target), *extra])
