@@ -172,6 +172,7 @@ class TrunkOptions:
     pro_steps: int = 10      # search steps per stage (the first of each stage untimed)
     pro_width: int = 64      # width of the synthetic problem's stages
     pro_reps: int = 3        # repetitions over all task counts (median)
+    threads: int = 0         # torch threads (0: torch's default)
     out: str = ""            # also write the JSON here
 
 
@@ -319,6 +320,8 @@ def main(what: str, json_flag: bool, options: list[str]) -> int:
                           + f"; choose from {', '.join(reg)}")
     cls, fn = reg[what]
     o = parse_options(cls, list(options))
+    if getattr(o, "threads", 0):
+        torch.set_num_threads(o.threads)
     res = fn(o)
     text = json.dumps(res, indent=1, default=str)
     if getattr(o, "out", ""):
