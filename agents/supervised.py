@@ -38,6 +38,12 @@ Batches are a pure function of (seed, epoch, position) and the RNG state is save
 ``on_step`` (AdaShare's temperature, LTB's warm-up) take the build-time value for the
 first step after a resume, until ``on_step`` runs again.
 
+Data-parallel (``torchrun ... mtrl-arch train``; :mod:`mtrl_arch.distributed`): every rank
+draws the same global batch and trains on its slice, gradients (per-task rows of shared
+groups before they are combined) are averaged over ranks, evaluation runs on every rank,
+and rank 0 alone reads checkpoints (broadcast to the others on resume) and writes the run
+directory.
+
 The benchmark is an *adapter* (:class:`Adapter`, duck-typed; the benchmarks live in
 :mod:`mtrl_arch.envs.supervised` and build.py passes their factory in, so agents/ never
 imports envs/).
@@ -54,6 +60,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import Tensor, nn
 
+from mtrl_arch import distributed
 from mtrl_arch.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.logger import Logger, read_metrics
@@ -166,10 +173,14 @@ def _warn(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def _graceful_stop(flag: dict):
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and returns."""
+def _graceful_stop(flag: dict, key: str = "stop"):
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and returns.
+
+    Data-parallel runs set ``flag["signal"]`` instead: the ranks agree on ``stop`` at a step
+    boundary (:meth:`SupervisedRun._stop_now`), since a signal reaches them at different steps.
+    """
     def handler(signum, frame):
-        flag["stop"] = signal.Signals(signum).name
+        flag[key] = signal.Signals(signum).name
 
     try:
         old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -235,6 +246,10 @@ class SupervisedRun:
             d = m.arch_optimizer.defaults
             m.make_arch_optimizer(d["lr"], d["weight_decay"], d["betas"])
         self.opt = make_optimizer(self.cfg, weight_parameters(self.net) + list(self.combiner.weighting.parameters()))
+        if distributed.active():  # every rank starts from rank 0's weights; the combiner averages these grads
+            distributed.broadcast_module(self.net)
+            distributed.broadcast_(list(self.combiner.weighting.parameters()))
+            setattr(self.opt, distributed.SYNCED, True)
         self.sched = None if search else torch.optim.lr_scheduler.MultiStepLR(
             self.opt, list(self.cfg.train.lr_milestones), self.cfg.train.lr_gamma)
         self.fwd = _Forward(self.net, self.cfg.train.compile)
@@ -243,7 +258,10 @@ class SupervisedRun:
         """Derive the tree, rebuild the network from it, record it."""
         old = self.net.state_dict()
         self.searching = False
-        self._build(False, self.method.derive())
+        tree = self.method.derive()
+        if distributed.active():  # rank 0's tree everywhere (the ranks' searches are identical; this makes sure)
+            tree = Tree.from_dict(distributed.broadcast_object(tree.to_dict()))
+        self._build(False, tree)
         if self.cfg.arch.retrain == "continue":
             own = self.net.state_dict()
             self.net.load_state_dict({k: (old[k] if k in old and old[k].shape == v.shape else v) for k, v in own.items()})
@@ -265,6 +283,16 @@ class SupervisedRun:
     def _to(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _shard(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A training batch on the device; data-parallel: this rank's slice of the global batch."""
+        return self._to(distributed.shard_batch(batch, 0 if self.adapter.shared_input else 1))
+
+    def _stop_now(self, flag: dict) -> bool:
+        """Whether to stop after this step; data-parallel: the same answer on every rank."""
+        if distributed.active() and not flag.get("stop") and distributed.any_true(bool(flag.get("signal"))):
+            flag["stop"] = flag.get("signal") or "a signal to another rank"
+        return bool(flag.get("stop"))
+
     def _losses(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x, aux = self.adapter.inputs(batch)
         with self._amp():
@@ -279,7 +307,7 @@ class SupervisedRun:
             for b in self.search_val.batches(bs, True, self.cfg.seed + 1, self.search_epoch * 100_003 + k, 0, start,
                                              self.cfg.data.num_workers):
                 self.val_pos += 1
-                yield self._to(b)
+                yield self._shard(b)
 
     def _tick(self) -> None:
         now = time.perf_counter()
@@ -300,7 +328,7 @@ class SupervisedRun:
         flag: dict = {}
         self._t = time.perf_counter()
         self.net.train()
-        with _graceful_stop(flag):
+        with _graceful_stop(flag, "signal" if distributed.active() else "stop"), distributed.sync_other_optimizers():
             if self.searching:
                 self._search(bs, lim, bar, flag)
             if not self.searching and not flag.get("stop"):
@@ -311,7 +339,8 @@ class SupervisedRun:
         if self.stopped_by:
             self._tick()
             self.save()
-            print(f"stopped by {self.stopped_by}; resume with `mtrl-arch train --resume {self.run_dir}`", file=sys.stderr)
+            if distributed.is_main():
+                print(f"stopped by {self.stopped_by}; resume with `mtrl-arch train --resume {self.run_dir}`", file=sys.stderr)
         elif not self.last_eval:  # e.g. train.epochs=0: evaluate what was derived
             self._tick()
             self._log(self.evaluate())
@@ -325,7 +354,7 @@ class SupervisedRun:
             for batch in self.search_train.batches(bs, True, cfg.seed, self.search_epoch, lim, self.pos,
                                                    cfg.data.num_workers):
                 vb = next(val) if val is not None and self.method.phase(self.search_done).arch else None
-                out = search_step(self.method, self.net, self._to(batch), vb, self._losses, self.combiner, self.opt,
+                out = search_step(self.method, self.net, self._shard(batch), vb, self._losses, self.combiner, self.opt,
                                   self.search_done, cfg.train.grad_clip)
                 if "train_losses" in out:
                     self.sums += out["train_losses"]
@@ -335,7 +364,7 @@ class SupervisedRun:
                 self.pos += 1
                 if bar is not None:
                     bar.update(1)
-                if self.search_done >= cfg.arch.search_steps or flag.get("stop"):
+                if self.search_done >= cfg.arch.search_steps or self._stop_now(flag):
                     break
             finished = self.search_done >= cfg.arch.search_steps
             if self.pos < n and not finished:
@@ -358,14 +387,14 @@ class SupervisedRun:
             n = self.adapter.train.n_batches(bs, lim)
             for batch in self.adapter.train.batches(bs, True, cfg.seed + 2, self.epoch, lim, self.pos,
                                                     cfg.data.num_workers):
-                self.sums += weight_step(self.net, self._to(batch), self._losses, self.combiner, self.opt, self.step,
+                self.sums += weight_step(self.net, self._shard(batch), self._losses, self.combiner, self.opt, self.step,
                                          cfg.train.grad_clip)
                 self.count += 1
                 self.step += 1
                 self.pos += 1
                 if bar is not None:
                     bar.update(1)
-                if flag.get("stop"):
+                if self._stop_now(flag):
                     break
             if self.pos < n:
                 return  # stopped by a signal mid-epoch
@@ -387,6 +416,8 @@ class SupervisedRun:
 
     def _epoch_record(self, phase: str) -> dict[str, Any]:
         mean = self.sums / max(self.count, 1)
+        if distributed.active():  # the mean over every rank's examples (DWA reads it too)
+            (mean,) = distributed.all_reduce_mean([mean])
         if not torch.isfinite(mean).all():
             raise NonFiniteError(f"non-finite {phase} loss at step {self.step} ({mean.tolist()}); "
                                  "the last good checkpoint is kept")
@@ -414,6 +445,7 @@ class SupervisedRun:
         cfg, a = self.cfg, self.adapter
         bs = cfg.eval.batch_size or cfg.train.batch_size
         was = self.net.training
+        distributed.average_buffers(self.net)  # BatchNorm running statistics: one set for every rank
         self.net.eval()
         out: dict[str, float] = {}
         try:
@@ -477,6 +509,7 @@ class SupervisedRun:
         set_rng_state(d["rng"])
 
     def save(self) -> None:
+        distributed.average_buffers(self.net)  # every rank calls save(); only rank 0 has a run_dir
         if self.run_dir is not None:
             if self.logger is not None:
                 self.logger.flush()
@@ -517,24 +550,35 @@ def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress:
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     adapter = make_adapter(cfg)  # bad config or missing data fail here, before anything is written
-    found = load_latest(run_dir / "checkpoints") if resume else None
-    if not resume:
-        write_run_info(run_dir, cfg, {"data": adapter.info})
+    # data-parallel (torchrun): every rank trains, rank 0 alone reads and writes the run directory
+    main = distributed.is_main()
+    found = load_latest(run_dir / "checkpoints") if resume and main else None
+    if resume and distributed.active():
+        found = distributed.broadcast_object(found)
+    if distributed.active() and cfg.train.batch_size % distributed.world_size() and main:
+        _warn(f"train.batch_size={cfg.train.batch_size} does not divide by {distributed.world_size()} processes: "
+              "each batch is padded with its first examples (as DistributedSampler)")
+    if not resume and main:
+        extra = {"world_size": distributed.world_size()} if distributed.active() else {}
+        write_run_info(run_dir, cfg, {"data": adapter.info, **extra})
     logger = Logger(run_dir, cfg.wandb, {**cfg.to_dict(), "data_info": adapter.info}, run_dir.name,
-                    resume_step=found[0] if found else (0 if resume else None))
-    run = SupervisedRun(cfg, adapter, device, run_dir, logger, progress)
+                    resume_step=found[0] if found else (0 if resume else None)) if main else None
+    run = SupervisedRun(cfg, adapter, device, run_dir if main else None, logger, progress and main)
     if found is not None:
         run.load_state_dict(found[1])
-        print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at step {run.step}", file=sys.stderr)
+        if main:
+            print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at step {run.step}", file=sys.stderr)
     elif run.searching:
-        logger.log(run.param_counts(), 0)
+        if logger is not None:
+            logger.log(run.param_counts(), 0)
     else:
         run._on_arch()
     run.learn()
-    if run.done:
+    if run.done and main:
         run.save_model(run_dir / "model.pt")
         logger.summary({**run.last_eval, **run.param_counts(), "time/wall_s": run.wall})
-    logger.close()
+    if logger is not None:
+        logger.close()
     return {**run.last_eval, **run.param_counts(), "time/wall_s": run.wall}
 
 

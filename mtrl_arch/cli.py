@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -34,13 +35,48 @@ def _preflight(cfg) -> None:
 
 
 def _train(args) -> int:
+    from . import distributed
     from .build import train
+
+    if not distributed.init_from_env():  # one process
+        cfg, run_dir = _train_setup(args)
+    else:  # torchrun: rank 0 decides (and writes); every rank gets its config and run directory
+        from .config import config_from_dict
+
+        msg = None
+        if distributed.is_main():
+            try:
+                cfg, run_dir = _train_setup(args, data_parallel=True)
+                msg = ("ok", cfg.to_dict(), str(run_dir))
+            except ConfigError as e:
+                msg = ("error", str(e), "")
+        kind, payload, where = distributed.broadcast_object(msg)
+        if kind == "error":
+            raise ConfigError(payload)
+        cfg, run_dir = config_from_dict(payload), Path(where)
+    try:
+        result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    finally:
+        distributed.shutdown()
+    if result and distributed.rank_from_env() == 0:
+        print(json.dumps({k: v for k, v in result.items() if "mean" in k or not k.startswith("eval/return")}, indent=1))
+    return 0
+
+
+def _train_setup(args, data_parallel: bool = False):
+    """The run's config and directory (a new one, or the one to resume), checked; records a resume's overrides."""
     from .run import new_run_dir, read_run_config
+
+    def check(cfg) -> None:
+        if data_parallel and cfg.domain != "supervised":
+            raise ConfigError("torchrun (data-parallel) trains the supervised adapters; MT-SAC runs in one process "
+                              "(see README, Distributed training and sweeps)")
 
     if args.resume:
         run_dir = Path(args.resume)
         old, _ = read_run_config(run_dir)
         cfg = load_config(None, args.overrides, base=old.to_dict())
+        check(cfg)
         if cfg.arch.method != old.arch.method or cfg.env.tasks != old.env.tasks or cfg.model.hidden != old.model.hidden:
             raise ConfigError(f"cannot resume {run_dir} with a different arch.method, env.tasks or model.hidden; "
                               "start a new run instead")
@@ -52,16 +88,14 @@ def _train(args) -> int:
         if not args.config:
             raise ConfigError("give a config name or YAML path (e.g. `mtrl-arch train mt10_quick`), or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
+        check(cfg)
         run_dir = new_run_dir(cfg)
         if (run_dir / "config.yaml").exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
     _preflight(cfg)
     if not args.resume:
         print(f"run directory: {run_dir}", file=sys.stderr)
-    result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
-    if result:
-        print(json.dumps({k: v for k, v in result.items() if "mean" in k or not k.startswith("eval/return")}, indent=1))
-    return 0
+    return cfg, run_dir
 
 
 def _eval(args) -> int:
@@ -179,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         code = _exit_code(e)
         if code is None or args.debug:
             raise
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
+        from .distributed import rank_from_env
+
+        where = f"rank {rank_from_env()}: " if os.environ.get("WORLD_SIZE", "1") != "1" else ""  # torchrun
+        print(f"error: {where}{' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever the message
         return code
 
 

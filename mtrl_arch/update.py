@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .conflict import ConflictStats, conflict_mask, task_gradients, write_group_grads
 
 
@@ -39,12 +40,18 @@ class GradientCombiner:
         if extra is not None:
             total = total + extra
         groups = net.shared_groups() if need else []
+        sync = distributed.active()  # data-parallel (torchrun): gradients become means over ranks
         if not groups:
             total.backward(inputs=None if inputs is None else list(inputs))
+            if sync:
+                distributed.all_reduce_grads(self._params(net, inputs))
             return total.detach()
         # what the loss weighting gives each task this step (RLW draws fresh weights per call)
         (w,) = torch.autograd.grad(total, losses, retain_graph=True)
         grads = task_gradients(net, losses, groups, total, inputs, loss_weights=w)
+        if sync:  # combine the global per-task gradients (the same on every rank), not this rank's
+            distributed.all_reduce_grads(self._params(net, inputs))
+            *grads, w = distributed.all_reduce_mean([*grads, w])
         mask = conflict_mask(groups, grads, self.cn_variant) if self.conflict_noticed else None
         self.stats.update(groups, grads, mask)
         for o in observers:
@@ -57,8 +64,16 @@ class GradientCombiner:
             combined = list(torch.split(self.weighting.combine(torch.cat(grads, 1)), sizes))
         else:
             combined = [w.to(G.dtype) @ G for G in grads]
+        if sync:  # methods that draw random numbers (PCGrad's order, GradDrop) follow rank 0
+            distributed.broadcast_(combined)
         write_group_grads(groups, combined)
         return total.detach()
+
+    def _params(self, net: nn.Module, inputs: Sequence[Tensor] | None) -> list[Tensor]:
+        """What this backward gives gradients to: ``inputs`` if given, else the net's and the weighting's."""
+        if inputs is not None:
+            return list(inputs)
+        return [*net.parameters(), *getattr(self.weighting, "parameters", lambda: [])()]
 
     def state_dict(self) -> dict:
         return {"stats": self.stats.state_dict(), "weighting": self.weighting.state_dict()}
