@@ -471,9 +471,12 @@ def _families(summary: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
+    grid = parse_grid(summary["overrides"])
+    varied = " ".join(f"{k}={','.join(vs)}" for k, vs in grid if len(vs) > 1) or "(none)"
+    fixed = " ".join(f"{k}={vs[0]}" for k, vs in grid if len(vs) == 1)
     lines = [f"# Sweep: {summary['config']}", "",
-             f"Grid: `{' '.join(summary['overrides']) or '(none)'}`; seeds {', '.join(map(str, summary['seeds']))}; "
-             f"{summary['runner']}.", "",
+             f"Grid: `{varied}`; seeds {', '.join(map(str, summary['seeds']))}; {summary['runner']}."
+             + (f" Every trial: `{fixed}`." if fixed else ""), "",
              f"{summary['n_ok']} of {summary['n_trials']} trial(s) finished.",
              "Cells: mean ± sample std over seeds [95% t-interval of the mean] of the last evaluation's value; "
              "n=1: one seed, no interval.", ""]
