@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mtrl_arch.logger import progress_bar
 from mtrl_arch.checkpoint import NonFiniteError, assert_finite, list_steps, rng_state, save_checkpoint, set_rng_state
 from mtrl_arch.run import check_resume_key, resume_key
 
@@ -222,7 +223,7 @@ class RLRun:
         cb = _as_callback(callback, agent, self)
         cb.on_training_start(locals(), globals())
         flag = self.stop_flag
-        bar = _progress(self.progress, n_vector * T, self.num_timesteps)
+        bar = progress_bar(self.progress, n_vector * T, self.num_timesteps, "env-step")
         t_log, steps_log, updates_log = time.perf_counter(), self.vector_step, agent.n_updates
         with self.signals():
             while self.vector_step < n_vector:
@@ -328,7 +329,7 @@ class RLRun:
         out["train/n_updates"] = self.agent.n_updates
         out["phase"] = "search" if self.agent.searching else "train"
         if self.logger is not None:
-            self.logger.log(out, self.num_timesteps)
+            self.logger.log(out, self.num_timesteps, "env-step")
 
     def evaluate(self, episodes_per_task: int | None, interruptible: bool = False) -> dict[str, float]:
         if self.evaluate_fn is None:
@@ -343,7 +344,7 @@ class RLRun:
         out = eval_lines(res)
         self.last_eval = out
         if self.logger is not None:
-            self.logger.log(out, self.num_timesteps)
+            self.logger.log(out, self.num_timesteps, "env-step")
         return out
 
 
@@ -359,16 +360,6 @@ def eval_lines(res: dict) -> dict[str, float]:
 def _updates_now(rate: float, step: int) -> int:
     """Gradient steps at this vector step for a (possibly fractional) updates-per-step rate."""
     return int(step * rate) - int((step - 1) * rate)
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, unit="env-step", dynamic_ncols=True, smoothing=0.05)
 
 
 class _FnCallback:

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from mtrl_arch import distributed
 from mtrl_arch.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
 from mtrl_arch.config import Config, ConfigError
-from mtrl_arch.logger import Logger, read_metrics
+from mtrl_arch.logger import Logger, progress_bar, read_metrics
 from mtrl_arch.metrics import delta_m
 from mtrl_arch.run import resolve_device, seed_everything, write_arch, write_run_info
 from mtrl_arch.search import TrunkSpec, make_method
@@ -324,7 +324,7 @@ class SupervisedRun:
         bs, lim = cfg.train.batch_size, cfg.train.limit_batches
         total = self.step + max(0, cfg.arch.search_steps - self.search_done if self.searching else 0) \
             + max(0, cfg.train.epochs - self.epoch) * self.adapter.train.n_batches(bs, lim) - self.pos
-        bar = _progress(self.progress, total, self.step)
+        bar = progress_bar(self.progress, total, self.step)
         flag: dict = {}
         self._t = time.perf_counter()
         self.net.train()
@@ -526,16 +526,6 @@ class SupervisedRun:
         self.searching = False
         self._build(False, Tree.from_dict(d["tree"]))
         self.net.load_state_dict(d["net"])
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, smoothing=0.05)
 
 
 AdapterFactory = Callable[[Config], Adapter]

@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtrl_arch import metrics as M
-from mtrl_arch.config import Config, ConfigError
+from mtrl_arch.config import Config, ConfigError, fits_default
 from mtrl_arch.search.base import TrunkSpec
 
 from .backbones import StageSpec, classification_heads, lenet_stages, resnet18_stages
@@ -155,15 +155,7 @@ def _options(cls: type, raw: dict, where: str) -> Any:
             raise ConfigError(f"unknown config key '{where}.{k}'{hint} (valid here: {', '.join(sorted(valid))})")
         f = valid[k]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool):
-            ok = isinstance(v, bool)
-        elif isinstance(default, int):
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        elif isinstance(default, float):
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-        else:
-            ok = isinstance(v, type(default))
-        if not ok:
+        if not fits_default(v, default):
             raise ConfigError(f"{where}.{k} must be a {type(default).__name__}; got {v!r}")
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v < (0 if k.endswith(("_subset", "seed", "dropout")) else 1e-12):
             raise ConfigError(f"{where}.{k} must be {'>= 0' if k.endswith(('_subset', 'seed', 'dropout')) else 'positive'}; got {v!r}")

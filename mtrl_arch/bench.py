@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import torch
 
-from .config import ConfigError, parse_value
+from .config import ConfigError, fits_default, parse_value
 
 # ---- options ------------------------------------------------------------------------------------
 
@@ -53,13 +53,9 @@ def parse_options(cls: type, items: list[str]) -> Any:
             raise ConfigError(f"unknown bench option {k!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
                               + f"; valid: {', '.join(fields)}")
         v, default = parse_value(text), getattr(cls(), k)
-        if isinstance(default, bool):
-            ok = isinstance(v, bool)
-        elif isinstance(default, int):
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        elif isinstance(default, float):
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-            v = float(v) if ok else v
+        if isinstance(default, (bool, int, float)):
+            ok = fits_default(v, default)
+            v = float(v) if ok and isinstance(default, float) else v
         elif isinstance(default, list):
             v = v if isinstance(v, list) else [v]
             ok = True

@@ -215,6 +215,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def fits_default(value: Any, default: Any) -> bool:
+    """Whether ``value`` may replace ``default`` in an options dataclass (ints are floats, bools are not numbers)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
 def _unknown(key: str, valid) -> ConfigError:
     leaf = key.rsplit(".", 1)[-1]
     near = difflib.get_close_matches(leaf, list(valid), n=1)

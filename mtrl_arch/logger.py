@@ -163,6 +163,17 @@ def _finish_quietly(run: Any) -> None:
         pass
 
 
+def progress_bar(enabled: bool, total: int, initial: int, unit: str = "step"):
+    """A tqdm bar, or None when disabled or tqdm is missing (the loops then print nothing)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, smoothing=0.05)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     out = []
