@@ -329,7 +329,7 @@ class RLRun:
         out["train/n_updates"] = self.agent.n_updates
         out["phase"] = "search" if self.agent.searching else "train"
         if self.logger is not None:
-            self.logger.log(out, self.num_timesteps, "env-step")
+            self.logger.log(out, self.num_timesteps)
 
     def evaluate(self, episodes_per_task: int | None, interruptible: bool = False) -> dict[str, float]:
         if self.evaluate_fn is None:
@@ -344,7 +344,7 @@ class RLRun:
         out = eval_lines(res)
         self.last_eval = out
         if self.logger is not None:
-            self.logger.log(out, self.num_timesteps, "env-step")
+            self.logger.log(out, self.num_timesteps)
         return out
 
 

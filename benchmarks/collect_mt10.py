@@ -46,6 +46,9 @@ def main(run_dirs: list[Path]) -> None:
                        "per_task": {k.split("/")[-1]: v for k, v in l.items()
                                     if k.startswith("eval/success_rate/") and not k.endswith("/mean")}}
                       for l in evals],
+            # a run stopped before its end: `mtrl-arch eval RUN_DIR --episodes 10` on its last checkpoint
+            "eval_of_last_checkpoint": (json.loads(rd.with_suffix(".final_eval.json").read_text())
+                                        if rd.with_suffix(".final_eval.json").is_file() else None),
             "env": cfg["run"].get("env"), "versions": cfg["run"].get("versions"),
             "machine": cfg["run"].get("machine"), "git_commit": cfg["run"].get("git_commit"),
         }
