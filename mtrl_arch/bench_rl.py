@@ -148,6 +148,9 @@ def bench_sac_update(o: SacUpdateOptions) -> dict[str, Any]:
     branch = o.branch if o.branch >= 0 else L // 2
     tasks = tuple(f"task{i}" for i in range(o.tasks))
     agents = {"ours": _mtsac(o, "hps"), "ours_conal": _mtsac(o, "manual", f"arch.options.path={_arch_file(tasks, L, branch)}")}
+    late = -(-L // 2)  # with an odd stage count "halfway" has two readings: both are measured
+    if o.branch < 0 and late != branch:
+        agents[f"ours_conal_b{late}"] = _mtsac(o, "manual", f"arch.options.path={_arch_file(tasks, L, late)}")
     if o.search:
         agents["conal_search"] = _mtsac(o, "conal", "arch.search_steps=1000000000")
         agents["conal_search_cn"] = _mtsac(o, "conal", "arch.search_steps=1000000000", "arch.conflict_noticed=true")
@@ -203,7 +206,8 @@ def bench_sac_update(o: SacUpdateOptions) -> dict[str, Any]:
         "benchmark": "sac-update",
         "what": (f"gradient updates per second: SB3 SAC (net_arch {list(o.hidden)}, batch {N}, obs {o.obs}, action "
                  f"{o.action}, model.train(gradient_steps={o.iters})) vs our MTSAC ({o.tasks} tasks x {o.batch}, same "
-                 f"widths): ours = HPS trunks, ours_conal = a derived CoNAL tree (every task branching at stage {branch}), "
+                 f"widths): ours = HPS trunks, ours_conal = a derived CoNAL tree (every task branching at stage {branch}; "
+                 f"_b{late}: at stage {late}), "
                  "conal_search(_cn) = one CoNAL search step (weight steps + alpha steps, with the conflict-noticed "
                  f"operation); replays pre-filled with random data; grad_clip={o.grad_clip}"),
         "sb3_updates_per_s": ups["sb3"], "ours_updates_per_s": ups["ours"],

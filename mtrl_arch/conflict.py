@@ -64,8 +64,15 @@ def task_gradients(net: nn.Module, losses: Tensor, groups: Sequence[ParamGroup],
         leaves = [rec[1] for b in banks for rec in b.captured]
         total.backward(inputs=None if inputs is None else list(inputs) + leaves)
         full: dict[int, Tensor] = {}
+        calls: dict[int, int] = {}
+        for bank in banks:
+            for rec in bank.captured:
+                calls[id(rec[0])] = calls.get(id(rec[0]), 0) + 1
         for bank in banks:
             for param, leaf, idx, tasks in bank.captured:
+                if id(param) not in full and param.shape[0] == 1 and tasks == list(range(T)) and calls[id(param)] == 1:
+                    full[id(param)] = leaf.grad.unsqueeze(1)  # one module, task t in row t: no scatter needed
+                    continue
                 if id(param) not in full:
                     full[id(param)] = leaf.new_zeros(T, *param.shape)
                 dev = leaf.device
@@ -76,7 +83,7 @@ def task_gradients(net: nn.Module, losses: Tensor, groups: Sequence[ParamGroup],
         for g in groups:
             G = torch.cat([(g.view(full[id(p)], 1) if id(p) in full else p.new_zeros(T, g.view(p).numel())).reshape(T, -1)
                            for p in g.params], 1)
-            rows.append(inv_w.to(G.dtype)[:, None] * G)
+            rows.append(G.mul_(inv_w.to(G.dtype)[:, None]))  # G is torch.cat's own new tensor
         return rows
     rows = []
     for t in range(T):

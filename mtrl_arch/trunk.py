@@ -77,7 +77,11 @@ class CaptureMixin:
     def gather(self, param: Tensor, idx: Sequence[int]) -> Tensor:
         if self.capture_tasks is None:
             return select_modules(param, idx)
-        leaf = param[torch.as_tensor(list(idx), device=param.device)].detach().requires_grad_(True)
+        m = single_module(idx)
+        if m is not None:  # one module for every call: a broadcast view, no copy of the weights
+            leaf = param.detach()[m].expand(len(idx), *param.shape[1:]).requires_grad_(True)
+        else:
+            leaf = param[torch.as_tensor(list(idx), device=param.device)].detach().requires_grad_(True)
         self.captured.append((param, leaf, list(idx), list(self.capture_tasks)))
         return leaf
 
