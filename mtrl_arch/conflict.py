@@ -112,6 +112,13 @@ def write_group_grads(groups: Sequence[ParamGroup], combined: Sequence[Tensor]) 
             offset += n
 
 
+def task_rows(G: Tensor, tasks: Sequence[int]) -> Tensor:
+    """The rows of ``G`` of ``tasks`` (``G`` itself, not a copy, when that is every row in order)."""
+    if len(tasks) == G.shape[0] and all(t == i for i, t in enumerate(tasks)):
+        return G
+    return G[list(tasks)]
+
+
 def pair_cosines(G: Tensor) -> Tensor:
     """Cosine similarity of every task pair (i < j) of the rows of ``G`` [k, n]."""
     n = G.norm(dim=1).clamp_min(1e-12)
@@ -136,7 +143,7 @@ def conflict_mask(groups: Sequence[ParamGroup], grads: Sequence[Tensor], variant
     """
     if variant not in ("layer", "branch"):
         raise ValueError(f"unknown conflict-noticed variant {variant!r}; choose 'layer' or 'branch'")
-    flags = [has_conflict(G[list(g.tasks)]) if len(g.tasks) > 1 else torch.zeros((), dtype=torch.bool, device=G.device)
+    flags = [has_conflict(task_rows(G, g.tasks)) if len(g.tasks) > 1 else torch.zeros((), dtype=torch.bool, device=G.device)
              for g, G in zip(groups, grads)]
     mask = torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool)
     if variant == "branch" and len(groups) > 1:
@@ -167,7 +174,7 @@ class ConflictStats:
         for k, (g, G) in enumerate(zip(groups, grads)):
             if len(g.tasks) < 2:
                 continue
-            cos = pair_cosines(G[list(g.tasks)])
+            cos = pair_cosines(task_rows(G, g.tasks))
             th = torch.tensor(self.thresholds, device=cos.device)
             b = (cos[None, :] < th[:, None]).long()
             if g.name not in self.steps:

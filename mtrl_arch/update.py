@@ -57,13 +57,15 @@ class GradientCombiner:
         for o in observers:
             if getattr(o, "wants_task_grads", False):
                 o.observe_task_grads(groups, grads)
-        if mask is not None:
-            grads = [G * (~m) for G, m in zip(grads, mask)]
         if self.weighting.needs_task_grads:
+            if mask is not None:  # withheld groups take no part in the combination
+                grads = [G * (~m) for G, m in zip(grads, mask)]
             sizes = [G.shape[1] for G in grads]
             combined = list(torch.split(self.weighting.combine(torch.cat(grads, 1)), sizes))
-        else:
+        else:  # a weighted sum: withholding a group zeroes its combined vector (no masked copy of the rows)
             combined = [w.to(G.dtype) @ G for G in grads]
+            if mask is not None:
+                combined = [c * (~m) for c, m in zip(combined, mask)]
         if sync:  # methods that draw random numbers (PCGrad's order, GradDrop) follow rank 0
             distributed.broadcast_(combined)
         write_group_grads(groups, combined)

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..conflict import pair_cosines
+from ..conflict import pair_cosines, task_rows
 from ..tree import Tree
 from ..trunk import ParamGroup, Trunk
 from .base import ArchMethod, Phase
@@ -74,7 +74,7 @@ class Recon(ArchMethod):
         for g, G in zip(groups, grads):
             if len(g.tasks) < 2:
                 continue
-            cos = pair_cosines(G[list(g.tasks)])
+            cos = pair_cosines(task_rows(G, g.tasks))
             th = torch.tensor(self.thresholds, device=cos.device, dtype=cos.dtype)
             below = (cos[None, :] < th[:, None]).sum(1)
             if g.name not in self.counts:
