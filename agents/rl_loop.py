@@ -13,6 +13,20 @@ deterministic, so a resumed run rebuilds the environment's exact mid-episode sta
 resetting with the episode's seed and replaying those actions (at most one episode of
 steps), instead of pickling MuJoCo state (85 MB for two tasks). A resumed CPU run is
 bit-identical to an uninterrupted one; only wall-clock fields (``time/*``) differ.
+
+Data-parallel (``torchrun``, :mod:`mtrl_arch.distributed`): every rank steps its own vector
+env of all the run's tasks (episode seeds, warm-up actions, exploration noise and replay
+draws from ``distributed.rank_seed``), keeps its own replay and takes its share of each
+update's batch (see :class:`~mtrl_arch.agents.sac.MTSAC`). The ranks run in lockstep: one
+update per vector step of the job, which is ``world_size x T`` env steps, so
+``num_timesteps`` and every ``*_env_steps`` setting count env steps over all ranks. The
+ranks agree on stopping at each vector step (a signal reaches them at different times).
+Training statistics are pooled over ranks; rank 0 alone evaluates and writes (``run_dir``,
+logger and ``evaluate`` are None elsewhere). A checkpoint holds rank 0's state; resuming
+needs the same number of processes, and since the other ranks' replays and episodes are not
+in it, every rank collects ``train.warmup_steps`` vector steps with the current policy
+before the updates go on (ranks > 0 start fresh episodes and fresh random streams): such a
+resume is not exact.
 """
 from __future__ import annotations
 
@@ -26,11 +40,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mtrl_arch import distributed
 from mtrl_arch.logger import progress_bar
 from mtrl_arch.checkpoint import NonFiniteError, assert_finite, list_steps, rng_state, save_checkpoint, set_rng_state
 from mtrl_arch.run import check_resume_key, resume_key
 
-__all__ = ["RLRun", "NonFiniteError", "graceful_stop", "episode_seed"]
+__all__ = ["RLRun", "NonFiniteError", "graceful_stop", "episode_seed", "shared_state"]
 
 
 class StopRequested(Exception):
@@ -57,6 +72,17 @@ def graceful_stop(flag: dict):
             signal.signal(s, h)
 
 
+# what a checkpoint (rank 0's) holds that belongs to rank 0 alone: kept from the other ranks on a data-parallel resume
+RANK_LOCAL = ("rng", "np_rng", "episode_actions", "pending", "logger_pos")
+AGENT_RANK_LOCAL = ("replay", "sample_gen")
+
+
+def shared_state(d: dict) -> dict:
+    """A checkpoint without its rank-local parts: what every rank of a data-parallel run resumes from."""
+    return {**{k: v for k, v in d.items() if k not in RANK_LOCAL},
+            "agent": {k: v for k, v in d["agent"].items() if k not in AGENT_RANK_LOCAL}}
+
+
 def episode_seed(seed: int, episode: int) -> int:
     return (seed * 1_000_003 + episode * 7919) % (2**31 - 1)
 
@@ -73,16 +99,19 @@ class RLRun:
         self.on_arch = on_arch
         self.progress = progress
         self.T = len(agent.tasks)
+        self.world = distributed.world_size()  # data-parallel: ranks stepping envs in lockstep
+        self.seed = distributed.rank_seed(self.cfg.seed)  # episode seeds and warm-up actions of this rank
         self.vector_step = 0
         self.episode = 0
         self.last_eval: dict[str, float] = {}
-        self.np_rng = np.random.default_rng(self.cfg.seed)
+        self.np_rng = np.random.default_rng(self.seed)
         ep_len = getattr(env, "max_episode_steps", None) or 500
         self.episode_len = int(ep_len)
         self.obs = None
         self.stopped_by: str | None = None
         self.final_eval_done = False
         self.stop_flag: dict = {}  # set by SIGINT/SIGTERM (graceful_stop)
+        self._peer_stop: str | None = None  # data-parallel: another rank stopped (not in stop_flag: see graceful_stop)
         self._stats: list[dict] = []
         self._stats_steps: list[int] = []  # vector step of each entry of _stats (to name the step of a NaN)
         self._episodes: list[dict] = []
@@ -93,7 +122,7 @@ class RLRun:
     # ---- state --------------------------------------------------------------------------------------
     @property
     def num_timesteps(self) -> int:
-        return self.vector_step * self.T
+        return self.vector_step * self.T * self.world
 
     def state_dict(self) -> dict:
         return {"vector_step": self.vector_step, "episode": self.episode, "rng": rng_state(),
@@ -103,7 +132,7 @@ class RLRun:
                 "pending": {"stats": [{k: v.detach().cpu() for k, v in s.items()} for s in self._stats],
                             "stats_steps": list(self._stats_steps), "episodes": list(self._episodes)},
                 "logger_pos": self.logger.position() if self.logger is not None and hasattr(self.logger, "position") else None,
-                "no_update_until": self._no_update_until,
+                "no_update_until": self._no_update_until, "world_size": self.world,
                 "meta": resume_key(self.cfg),
                 "agent": self.agent.state_dict(with_replay=self._save_replay())}
 
@@ -115,13 +144,20 @@ class RLRun:
         return mode == "always"
 
     def load_state_dict(self, d: dict) -> None:
-        check_resume_key(d.get("meta"), self.cfg, f"the checkpoint at env step {d['vector_step'] * self.T}")
+        """Resume from ``d``; on ranks > 0 of a data-parallel run ``d`` lacks the rank-local parts
+        (:data:`RANK_LOCAL`), which are started afresh."""
+        from mtrl_arch.config import ConfigError
+
+        world = d.get("world_size", 1)
+        where = f"the checkpoint at env step {d['vector_step'] * self.T * world}"
+        if world != self.world:  # counters, episodes and replays are per rank: the job's shape is part of the state
+            how = f"under torchrun with {world} processes" if world > 1 else "in one process (without torchrun)"
+            raise ConfigError(f"{where} was written by {world} process(es), this run has {self.world}; resume it {how}")
+        check_resume_key(d.get("meta"), self.cfg, where)
         try:
             self.agent.load_state_dict(d["agent"])
         except (KeyError, RuntimeError, ValueError) as e:  # shapes/keys of another config or version
-            from mtrl_arch.config import ConfigError
-
-            raise ConfigError(f"the checkpoint at env step {d['vector_step'] * self.T} does not fit this config or "
+            raise ConfigError(f"{where} does not fit this config or "
                               f"mtrl-arch version ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
         if self.agent.searching:
             # schedules (temperatures, curricula) are pure functions of the update count; a fresh search
@@ -131,7 +167,8 @@ class RLRun:
                     m._apply_schedule(self.agent.n_updates)
         self.vector_step, self.episode, self.last_eval = d["vector_step"], d["episode"], d["last_eval"]
         self.final_eval_done = d.get("final_eval_done", False)
-        self.np_rng.bit_generator.state = d["np_rng"]
+        if "np_rng" in d:
+            self.np_rng.bit_generator.state = d["np_rng"]
         acts = d.get("episode_actions")
         self._ep_actions = list(acts) if acts is not None else []
         self.obs = None  # learn() rebuilds the env state: seeded reset + the episode's actions
@@ -140,16 +177,26 @@ class RLRun:
         self._stats_steps = list(pending.get("stats_steps", []))
         self._episodes = list(pending.get("episodes", []))
         self._no_update_until = d.get("no_update_until", 0)
-        if "replay" not in d["agent"] and self.vector_step > self.cfg.train.warmup_steps:
-            # checkpoint without replay (train.save_replay): refill with the current policy before updating
-            self._no_update_until = self.vector_step + max(self.cfg.train.warmup_steps, 1)
-            print(f"warning: the checkpoint holds no replay (train.save_replay={self.cfg.train.save_replay}); "
-                  f"refilling it for {max(self.cfg.train.warmup_steps, 1)} vector steps before updating "
-                  "(this resume is not exact)", file=sys.stderr)
+        lost = "replay" not in d["agent"] or self.world > 1  # data-parallel: only rank 0's replay was saved
+        if lost and self.vector_step > self.cfg.train.warmup_steps:
+            # refill with the current policy before updating; every rank pauses, since updates are collective
+            n = max(self.cfg.train.warmup_steps, 1)
+            self._no_update_until = self.vector_step + n
+            why = ("only rank 0's replay and episode are in the checkpoint" if self.world > 1
+                   else f"the checkpoint holds no replay (train.save_replay={self.cfg.train.save_replay})")
+            if distributed.is_main():
+                print(f"warning: {why}; refilling it for {n} vector steps before updating (this resume is not exact)",
+                      file=sys.stderr)
         if self.logger is not None and d.get("logger_pos") is not None and hasattr(self.logger, "rewind"):
             self.logger.rewind(d["logger_pos"])
         self._saved_at = self.vector_step
-        set_rng_state(d["rng"])
+        if "rng" in d:
+            set_rng_state(d["rng"])
+        else:  # a rank > 0: fresh streams of its own, not a repeat of those it started with
+            s = episode_seed(self.seed, self.vector_step)
+            torch.manual_seed(s)
+            self.np_rng = np.random.default_rng(s)
+            self.agent.sample_gen.manual_seed(s + 1)
 
     def check_finite(self) -> None:
         """NonFiniteError naming the first non-finite loss (step, update, task) or parameter."""
@@ -197,12 +244,15 @@ class RLRun:
             self._signals_on = False
 
     def _report_stop(self) -> None:
+        if not distributed.is_main():
+            return
         where = f"; checkpoint saved, continue with `mtrl-arch train --resume {self.run_dir}`" if self.run_dir else ""
         print(f"stopped by {self.stopped_by} at env step {self.num_timesteps}{where}", file=sys.stderr)
 
     def _restore_env(self) -> None:
-        """Seeded reset of the current episode; on resume, replay its actions to rebuild the exact env state."""
-        self.obs = self.env.reset(seed=episode_seed(self.cfg.seed, self.episode))
+        """Seeded reset of the current episode; on resume, replay its actions to rebuild the exact env state
+        (ranks > 0 of a data-parallel resume have none: they start a fresh episode, cut at the boundary)."""
+        self.obs = self.env.reset(seed=episode_seed(self.seed, self.episode))
         for a in self._ep_actions:
             self.obs = self.env.step(a)[0]
         self.env.pop_finished_episodes()  # none end mid-episode; any already counted are in the checkpoint
@@ -210,12 +260,13 @@ class RLRun:
     # ---- the loop -----------------------------------------------------------------------------------
     def learn(self, total_env_steps: int, callback: Any = None) -> None:
         cfg, agent, env, T = self.cfg, self.agent, self.env, self.T
-        n_vector = total_env_steps // T
+        TW = T * self.world  # env steps per vector step of the job
+        n_vector = total_env_steps // TW
         search_vec = cfg.arch.search_steps if agent.searching else 0
         # exact at any step: a resume replays the episode's actions (see the module docstring)
-        ckpt_every = -(-cfg.train.checkpoint_every // T) if cfg.train.checkpoint_every else 0
-        eval_every = cfg.eval.every_env_steps // T if cfg.eval.every_env_steps else 0
-        log_every = max(1, cfg.train.log_every // T)
+        ckpt_every = -(-cfg.train.checkpoint_every // TW) if cfg.train.checkpoint_every else 0
+        eval_every = cfg.eval.every_env_steps // TW if cfg.eval.every_env_steps else 0
+        log_every = max(1, cfg.train.log_every // TW)
         if self.obs is None or self.vector_step % self.episode_len == 0:
             self._restore_env()
         if self.vector_step < n_vector:  # e.g. a finished run resumed with a larger train.total_env_steps
@@ -223,9 +274,9 @@ class RLRun:
         cb = _as_callback(callback, agent, self)
         cb.on_training_start(locals(), globals())
         flag = self.stop_flag
-        bar = progress_bar(self.progress, n_vector * T, self.num_timesteps, "env-step")
+        bar = progress_bar(self.progress, n_vector * TW, self.num_timesteps, "env-step")
         t_log, steps_log, updates_log = time.perf_counter(), self.vector_step, agent.n_updates
-        with self.signals():
+        with self.signals(), distributed.sync_other_optimizers():
             while self.vector_step < n_vector:
                 if self.vector_step < cfg.train.warmup_steps:
                     action = self.np_rng.uniform(-1.0, 1.0, size=(T, agent.action_dim)).astype(np.float32)
@@ -243,7 +294,7 @@ class RLRun:
                 if self.vector_step % self.episode_len == 0:  # episode boundary: seeded resets
                     self.episode += 1
                     self._ep_actions.clear()
-                    self.obs = env.reset(seed=episode_seed(cfg.seed, self.episode))
+                    self.obs = env.reset(seed=episode_seed(self.seed, self.episode))
                 if self.vector_step > cfg.train.warmup_steps and self.vector_step > self._no_update_until:
                     n_up = _updates_now(cfg.train.updates_per_step, self.vector_step)
                     for _ in range(n_up):
@@ -253,7 +304,7 @@ class RLRun:
                     self._finish_search()
                 if self.vector_step % log_every == 0 or self.vector_step == n_vector:
                     now = time.perf_counter()
-                    rates = {"time/env_steps_per_s": (self.vector_step - steps_log) * T / max(now - t_log, 1e-9),
+                    rates = {"time/env_steps_per_s": (self.vector_step - steps_log) * TW / max(now - t_log, 1e-9),
                              "time/updates_per_s": (agent.n_updates - updates_log) / max(now - t_log, 1e-9)}
                     t_log, steps_log, updates_log = now, self.vector_step, agent.n_updates
                     self._log_train(rates)
@@ -262,17 +313,21 @@ class RLRun:
                                          "upd/s": f"{rates['time/updates_per_s']:.1f}",
                                          "success": f"{self.last_eval.get('eval/success_rate/mean', float('nan')):.2f}"})
                 if bar is not None:
-                    bar.update(T)
-                if eval_every and self.vector_step % eval_every == 0 and self.vector_step < n_vector:
+                    bar.update(TW)
+                if eval_every and self.vector_step % eval_every == 0 and self.vector_step < n_vector \
+                        and self.evaluate_fn is not None:  # data-parallel: rank 0; the others wait in their next collective
                     self.evaluate(cfg.eval.episodes_per_task)
                 if ckpt_every and self.vector_step % ckpt_every == 0:
                     self.save()
-                if not cb.on_step() or flag.get("stop"):
+                stop = not cb.on_step() or bool(flag.get("stop"))
+                if self.world > 1 and distributed.any_true(stop) and not stop:  # every rank stops at this step
+                    self._peer_stop, stop = "a stop on another rank", True
+                if stop:
                     break
         if bar is not None:
             bar.close()
         cb.on_training_end()
-        self.stopped_by = flag.get("stop")
+        self.stopped_by = flag.get("stop") or self._peer_stop
         if self._saved_at != self.vector_step:  # at the end of training, and on SIGINT/SIGTERM
             self.save()
         if self.logger is not None:
@@ -310,22 +365,32 @@ class RLRun:
         out: dict[str, float] = dict(rates)
         if self._stats:
             self.check_finite()  # names the exact update, task and loss term
-            stacked = {k: torch.stack([s[k] for s in self._stats]).mean(0) for k in self._stats[0]}
-            for k, v in stacked.items():
-                vals = v.cpu().tolist()
-                out[f"train/{k}"] = float(np.mean(vals))
+        keys, tasks = self.agent.STATS, self.agent.tasks
+        # sums and counts: pending update statistics [K, T] and episodes' (return, success, count) [3, T]
+        stats = torch.stack([torch.stack([s[k].float() for k in keys]) for s in self._stats]).sum(0).cpu().double() \
+            if self._stats else torch.zeros(len(keys), self.T, dtype=torch.float64)
+        n = float(len(self._stats))
+        eps = torch.zeros(3, self.T, dtype=torch.float64)
+        ix = {t: i for i, t in enumerate(tasks)}
+        for e in self._episodes:
+            eps[:, ix[e["task"]]] += torch.tensor([float(e["return"]), float(e["success"]), 1.0], dtype=torch.float64)
+        if self.world > 1:  # over every rank's updates and episodes (means of sums keep the ratios)
+            stats, n_t, eps = distributed.all_reduce_mean([stats, torch.tensor([n], dtype=torch.float64), eps])
+            n = float(n_t)
+        if n:
+            for k, v in zip(keys, (stats / n).tolist()):
+                out[f"train/{k}"] = float(np.mean(v))
                 if k in ("alpha", "critic_loss"):
-                    out.update({f"train/{k}/{t}": x for t, x in zip(self.agent.tasks, vals)})
-            self._stats.clear()
-            self._stats_steps.clear()
-        if self._episodes:
-            for key in ("return", "success"):
-                per = {}
-                for e in self._episodes:
-                    per.setdefault(e["task"], []).append(float(e[key]))
-                out.update({f"train/episode_{key}/{t}": float(np.mean(v)) for t, v in per.items()})
-                out[f"train/episode_{key}/mean"] = float(np.mean([np.mean(v) for v in per.values()]))
-            self._episodes.clear()
+                    out.update({f"train/{k}/{t}": x for t, x in zip(tasks, v)})
+        seen = [i for i in range(self.T) if eps[2, i] > 0]
+        for row, key in ((0, "return"), (1, "success")):
+            per = {tasks[i]: float(eps[row, i] / eps[2, i]) for i in seen}
+            out.update({f"train/episode_{key}/{t}": v for t, v in per.items()})
+            if per:
+                out[f"train/episode_{key}/mean"] = float(np.mean(list(per.values())))
+        self._stats.clear()
+        self._stats_steps.clear()
+        self._episodes.clear()
         out["train/n_updates"] = self.agent.n_updates
         out["phase"] = "search" if self.agent.searching else "train"
         if self.logger is not None:

@@ -14,6 +14,16 @@ weight steps use the training share of the replay, architecture steps the held-o
 share (``arch.val_fraction``) with the critic's TD loss and the actor's loss; then the
 derived trees are instantiated and, with ``arch.retrain=scratch``, trained from freshly
 initialised weights (the replay is kept).
+
+Data-parallel (``torchrun``; :mod:`mtrl_arch.distributed`, the loop in
+:mod:`mtrl_arch.agents.rl_loop`): every rank holds the same networks (rank 0's, broadcast at
+every build), its own replay, and samples ``ceil(batch_per_task / world_size)`` per task, so
+the global batch is the single-process one. The weights' gradients are averaged over ranks
+inside the gradient combiner (per-task rows of shared groups before they are combined), so
+the actor's and critic's optimisers are marked ``SYNCED``; log-alpha's and the architecture
+optimisers' gradients are averaged by ``distributed.sync_other_optimizers``, which the loop
+holds open while it trains. Identical gradients and optimiser states keep the ranks'
+parameters (and Polyak targets) bit-identical without further traffic.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtrl_arch import distributed
 from mtrl_arch.config import Config
 from mtrl_arch.search import TrunkSpec, make_method
 from mtrl_arch.steps import weight_parameters, weight_step
@@ -154,6 +165,8 @@ class Critic(nn.Module):
 class MTSAC:
     """Multi-task SAC with stable-baselines3's verbs: ``learn``, ``predict``, ``save``, ``load``."""
 
+    STATS = ("critic_loss", "actor_loss", "alpha", "entropy")  # what train_step returns, each [T]
+
     def __init__(self, tasks: tuple[str, ...], obs_dim: int, action_dim: int, config: Config,
                  device: torch.device | str = "cpu"):
         self.cfg, self.tasks, self.obs_dim, self.action_dim = config, tuple(tasks), obs_dim, action_dim
@@ -176,7 +189,16 @@ class MTSAC:
         self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.n_updates = 0
         self.trees: dict[str, Tree] = {}
+        W = distributed.world_size()
+        self.batch = -(-a.batch_per_task // W)  # per rank and task: W of these make the single-process batch
+        if a.batch_per_task % W and distributed.is_main():
+            print(f"warning: agent.batch_per_task={a.batch_per_task} does not divide by {W} processes; each samples "
+                  f"{self.batch} per task (global batch {self.batch * W} per task)", file=sys.stderr)
         self._build(search=self.searching)
+        if distributed.rank() > 0:  # own exploration noise and replay draws (the weights come from rank 0)
+            seed = distributed.rank_seed(config.seed)
+            torch.manual_seed(seed)
+            self.sample_gen.manual_seed(seed + 1)
 
     # ---- networks ---------------------------------------------------------------------------
     def _combiner(self) -> GradientCombiner:
@@ -197,11 +219,17 @@ class MTSAC:
             critic_net = EnsembleTrunk(self.trees["critic"], stages, head, N_CRITICS)
         self.actor = Actor(actor_net, a.log_std_min, a.log_std_max).to(self.device)
         self.critic = Critic(critic_net).to(self.device)
+        if distributed.active():  # every rank starts from rank 0's weights (and log-alpha)
+            for m in (self.actor, self.critic):
+                distributed.broadcast_module(m)
+            distributed.broadcast_([self.log_alpha])
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self._actor_params = weight_parameters(self.actor.net)
         self._critic_params = weight_parameters(self.critic.net)
         self.actor_opt = make_adam(self._actor_params, a.lr)
         self.critic_opt = make_adam(self._critic_params, a.lr)
+        for opt in (self.actor_opt, self.critic_opt):  # the combiner averages these gradients before clipping
+            setattr(opt, distributed.SYNCED, True)
         if search:
             for m in (self.actor_method, self.critic_method):
                 if m.arch_optimizer is not None:  # the method's net moved device: rebuild its optimiser on the same tensors
@@ -219,7 +247,11 @@ class MTSAC:
         """Derive both trees and switch to the fixed networks (fresh weights with retrain=scratch)."""
         self.searching = False
         old_actor, old_critic = self.actor.state_dict(), self.critic.state_dict()
-        self._build(False, {"actor": self.actor_method.derive(), "critic": self.critic_method.derive()})
+        trees = {"actor": self.actor_method.derive(), "critic": self.critic_method.derive()}
+        if distributed.active():  # rank 0's trees everywhere (identical parameters derive alike; this makes sure)
+            sent = distributed.broadcast_object({k: t.to_dict() for k, t in trees.items()})
+            trees = {k: Tree.from_dict(v) for k, v in sent.items()}
+        self._build(False, trees)
         if self.cfg.arch.retrain == "continue":
             self._copy_matching(self.actor, old_actor)
             self._copy_matching(self.critic, old_critic)
@@ -240,7 +272,7 @@ class MTSAC:
         """One SAC update from a task-balanced batch; returns per-task statistics (on device, no sync)."""
         cfg, a = self.cfg, self.cfg.agent
         split = "train" if self.searching else "all"
-        b = self.replay.sample(a.batch_per_task, split, self.sample_gen)
+        b = self.replay.sample(self.batch, split, self.sample_gen)
         step = self.n_updates
         alpha = self.log_alpha.detach().exp()
         with self._autocast() if self._autocast is not None else contextlib.nullcontext():
@@ -299,7 +331,7 @@ class MTSAC:
             m.on_step(step)
         if not self.actor_method.phase(step).arch:
             return
-        v = self.replay.sample(self.cfg.agent.batch_per_task, "val", self.sample_gen)
+        v = self.replay.sample(self.batch, "val", self.sample_gen)
         self.critic_method.arch_step(self._critic_losses(v, self._td_target(v, alpha)))
         self.actor_method.arch_step(self._actor_losses(v, alpha)[0])
 
@@ -362,7 +394,8 @@ class MTSAC:
         self.critic_method.load_state_dict(d["critic_method"])
         self.actor_combiner.load_state_dict(d["actor_combiner"])
         self.critic_combiner.load_state_dict(d["critic_combiner"])
-        self.sample_gen.set_state(d["sample_gen"])
+        if "sample_gen" in d:  # rank-local: absent on ranks > 0 of a data-parallel resume
+            self.sample_gen.set_state(d["sample_gen"])
         self.n_updates = d["n_updates"]
         if "replay" in d:
             self.replay.load_state_dict(d["replay"])

@@ -16,7 +16,8 @@ from .run import resolve_device, seed_everything, write_arch, write_run_info
 
 
 def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    from .agents.rl_loop import RLRun
+    from . import distributed
+    from .agents.rl_loop import RLRun, shared_state
     from .agents.sac import MTSAC
     from .envs.metaworld import MetaWorldMT, evaluate, resolve_tasks
 
@@ -28,20 +29,28 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
     seed_everything(cfg.seed)
     if cfg.agent.algo == "sb3_stl":
         return _train_sb3_stl(cfg, run_dir, tasks, device, resume, progress)
-    found = load_latest(run_dir / "checkpoints", quarantine=True) if resume else None
-    if resume and found is None:
+    # data-parallel (torchrun): every rank trains on its own envs, rank 0 alone reads and writes the run directory
+    main = distributed.is_main()
+    found = load_latest(run_dir / "checkpoints", quarantine=True) if resume and main else None
+    if resume and main and found is None:
         print(f"warning: {run_dir}/checkpoints holds no readable checkpoint; starting the run from the beginning",
               file=sys.stderr)
+    if resume and distributed.active():  # rank 0's checkpoint, less what only rank 0 can use (replay, episode, RNG)
+        shared = distributed.broadcast_object(None if found is None else (found[0], shared_state(found[1])))
+        found = found if main else shared
+    # the same goals on every rank (env seed = run seed); each rank's episodes are seeded by RLRun
     env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, vector=cfg.env.vector,
                       max_episode_steps=cfg.env.max_episode_steps or None, reward_version=cfg.env.reward_version)
     try:
         logger = None
         env_meta = env.metadata()
-        if found is None:
-            write_run_info(run_dir, cfg, {"env": env_meta})
+        if found is None and main:
+            extra = {"world_size": distributed.world_size()} if distributed.active() else {}
+            write_run_info(run_dir, cfg, {"env": env_meta, **extra})
         agent = MTSAC.from_env(env, cfg, device)
-        logger = Logger(run_dir, cfg.wandb, {**cfg.to_dict(), "env_metadata": env_meta}, run_dir.name,
-                        resume_step=found[0] if found else (-1 if resume else None))
+        if main:
+            logger = Logger(run_dir, cfg.wandb, {**cfg.to_dict(), "env_metadata": env_meta}, run_dir.name,
+                            resume_step=found[0] if found else (-1 if resume else None))
 
         def on_arch(trees):
             write_arch(run_dir, trees)
@@ -52,17 +61,20 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
         evaluate_fn = lambda policy, k: evaluate(policy, cfg.env.name, tasks, cfg.seed, k,  # noqa: E731
                                                  env.max_episode_steps, env.benchmark_obj, env.reward_version)
-        run = RLRun(agent, env, logger, run_dir, on_arch, progress, evaluate_fn)
+        run = RLRun(agent, env, logger, run_dir if main else None, on_arch if main else None, progress and main,
+                    evaluate_fn if main else None)
         if found is not None:
             run.load_state_dict(found[1])
-            print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at env step {run.num_timesteps}", file=sys.stderr)
-        elif not agent.searching:
-            on_arch(agent.trees)
-        if found is None:
+            if main:
+                print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at env step {run.num_timesteps}",
+                      file=sys.stderr)
+        elif not agent.searching and main:
+            on_arch(agent.trees)  # logs the parameter counts too
+        if found is None and agent.searching and main:  # the search network's counts
             logger.log({f"params/{n}/{k}": v for n, c in agent.param_counts().items() for k, v in c.items()}, 0)
         with run.signals():  # SIGINT/SIGTERM: checkpoint, flush, return (exit 0)
             run.learn(cfg.train.total_env_steps)
-            final = run.final_evaluate(cfg.eval.final_episodes_per_task or None)
+            final = run.final_evaluate(cfg.eval.final_episodes_per_task or None) if main else None
         if final is not None:  # finished (not stopped): the final model, written atomically
             logger.summary(final)
             agent.save(str(run_dir / "model.pt.tmp"))

@@ -68,9 +68,10 @@ def _train_setup(args, data_parallel: bool = False):
     from .run import new_run_dir, read_run_config
 
     def check(cfg) -> None:
-        if data_parallel and cfg.domain != "supervised":
-            raise ConfigError("torchrun (data-parallel) trains the supervised adapters; MT-SAC runs in one process "
-                              "(see README, Distributed training and sweeps)")
+        if data_parallel and cfg.domain == "rl" and cfg.agent.algo == "sb3_stl":
+            raise ConfigError("agent.algo=sb3_stl (stable-baselines3, one agent per task) runs in one process; "
+                              "torchrun trains MT-SAC and the supervised adapters (see README, Distributed training "
+                              "and sweeps)")
 
     if args.resume:
         run_dir = Path(args.resume)

@@ -22,6 +22,10 @@ joins the process group (gloo for CPU tensors, NCCL for CUDA ones, each rank on 
 * BatchNorm running statistics are averaged before each evaluation and checkpoint
   (batch statistics in training are per rank, as DDP without SyncBatchNorm).
 
+Multi-task SAC (``domain: rl``) uses the same gradient path with per-rank data instead of
+slices of one batch: each rank steps its own environments (seeded by :func:`rank_seed`),
+fills its own replay and samples its share of the batch; see ``agents/rl_loop.py``.
+
 Nothing here runs unless :func:`active`: a single process pays nothing.
 """
 from __future__ import annotations
@@ -100,6 +104,11 @@ def init_from_env() -> bool:
 def shutdown() -> None:
     if torch.distributed.is_available() and _dist().is_initialized():
         _dist().destroy_process_group()
+
+
+def rank_seed(seed: int) -> int:
+    """This rank's seed for what must differ between ranks (environments, exploration); rank 0: ``seed``."""
+    return seed + 1000 * rank()
 
 
 def describe() -> str:

@@ -7,6 +7,11 @@ gradient combination, the architecture step and the derived tree all go through 
 collectives. Two processes with a global batch of 16 (8 each) must end where one process
 with a batch of 16 ends: same derived tree, parameters equal to 1e-5 (float32 sums taken in
 another order; about 1e-8 is seen), same evaluation. About a minute and a half on two busy cores.
+
+MT-SAC (Meta-World reach + push, tiny networks and budget, no data needed): a 2-process run
+with a short CoNAL search writes one run directory, resumes under torchrun with a larger
+budget, and its ranks end with bit-identical parameters although their replays differ (so
+the gradients were averaged); a rank that fails mid-training stops the job. About 60 s + 25 s.
 """
 from __future__ import annotations
 
@@ -45,12 +50,13 @@ def _tiny(cache: Path) -> list[str]:
             "arch.conflict_noticed=true", "weighting=pcgrad", "wandb.mode=disabled", "train.threads=1"]
 
 
-def _torchrun(args: list[str], script: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], script: Path | None = None, timeout: float = 300,
+              cwd: Path | None = None) -> subprocess.CompletedProcess:
     entry = [str(script)] if script is not None else ["-m", "mtrl_arch.cli"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry, *args,
            "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MTRL_ARCH_DIST_TIMEOUT": "120"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def _net(run: Path) -> dict[str, torch.Tensor]:
@@ -128,3 +134,100 @@ def test_one_process_pays_nothing():
     p.grad = torch.full((2,), 3.0)
     distributed.all_reduce_grads([p])
     assert p.grad.tolist() == [3.0, 3.0]
+
+
+# ---- MT-SAC -------------------------------------------------------------------------------------------
+SAC = ["mt10_quick", "env.tasks=[reach-v3,push-v3]", "model.hidden=[32,32]", "arch.search_steps=40",
+       "train.warmup_steps=20", "train.updates_per_step=1", "agent.batch_per_task=16", "agent.buffer_size=2000",
+       "env.max_episode_steps=50", "eval.every_env_steps=200", "eval.episodes_per_task=1",
+       "eval.final_episodes_per_task=1", "train.log_every=100", "train.checkpoint_every=200", "device=cpu",
+       "wandb.mode=disabled", "train.threads=1"]
+
+# each rank, after RLRun.learn: a hash of its parameters and of its replay, written to the folder REPORT
+_REPORTER = """\
+import hashlib, json, os, sys
+REPORT = None
+from mtrl_arch.agents.rl_loop import RLRun
+from mtrl_arch.cli import main
+learn = RLRun.learn
+def h(ts):
+    return hashlib.sha256(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in ts)).hexdigest()
+def learn_and_report(self, *a, **k):
+    learn(self, *a, **k)
+    g = self.agent
+    out = {"params": h([*g.actor.state_dict().values(), *g.critic.state_dict().values(),
+                        *g.critic_target.state_dict().values(), g.log_alpha]),
+           "replay": h([g.replay.storage[:, :g.replay.size]]), "n_updates": g.n_updates}
+    with open(os.path.join(REPORT, f"rank{os.environ['RANK']}-{self.num_timesteps}.json"), "w") as f:
+        json.dump(out, f)
+RLRun.learn = learn_and_report
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _hash(ts) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in ts)).hexdigest()
+
+
+def test_mtsac_two_processes_one_run_resume_and_identical_ranks(tmp_path):
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    script = tmp_path / "report.py"
+    script.write_text(_REPORTER.replace("REPORT = None", f"REPORT = {str(reports)!r}"))
+    work = tmp_path / "work"  # the run directory is chosen by rank 0 (runs/NAME-TIME); no rank may make another
+    work.mkdir()
+    p = _torchrun(["train", *SAC, "train.total_env_steps=400"], script=script, cwd=work, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count('"eval/success_rate/mean"') == 1  # rank 0 alone prints the result
+    (run,) = list((work / "runs").iterdir())
+    assert sorted(f.name for f in work.iterdir()) == ["runs"]
+    assert "world_size: 2" in (run / "config.yaml").read_text()
+    p = _torchrun(["train", "--resume", str(run), "train.total_env_steps=800"], script=script, cwd=work, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "only rank 0's replay and episode are in the checkpoint" in p.stderr
+    assert list((work / "runs").iterdir()) == [run]
+
+    lines = read_metrics(run)
+    assert len({(r["step"], tuple(sorted(r))) for r in lines}) == len(lines)  # one writer; no line again after resume
+    train = [r for r in lines if "train/n_updates" in r]
+    assert [r["step"] for r in train] == [100, 200, 300, 400, 500, 600, 700, 800]  # env steps over both ranks
+    assert [r["step"] for r in lines if "eval/success_rate/mean" in r] == [200, 400, 600, 800]
+    # 2 ranks x 2 tasks = 4 env steps per vector step: 100 vector steps, updates after the 20 of warm-up;
+    # after the resume 20 more vector steps of refilling before the updates go on
+    assert train[3]["train/n_updates"] == 80 and train[-1]["train/n_updates"] == 160
+    assert (run / "arch.json").is_file() and (run / "model.pt").is_file()
+
+    rep = {f.stem: json.loads(f.read_text()) for f in reports.iterdir()}
+    assert set(rep) == {"rank0-400", "rank1-400", "rank0-800", "rank1-800"}
+    for t in (400, 800):
+        r0, r1 = rep[f"rank0-{t}"], rep[f"rank1-{t}"]
+        assert r0["replay"] != r1["replay"]  # each rank its own environments and experience ...
+        assert r0["params"] == r1["params"]  # ... and the same weights: the gradients were averaged
+        assert r0["n_updates"] == r1["n_updates"]
+    state = torch.load(run / "model.pt", map_location="cpu", weights_only=False)["state"]
+    saved = _hash([*state["actor"].values(), *state["critic"].values(), *state["critic_target"].values(),
+                   state["log_alpha"]])
+    assert saved == rep["rank1-800"]["params"]
+
+
+def test_mtsac_a_rank_failing_mid_training_stops_the_job(tmp_path):
+    """Rank 1 diverges at its first log line; rank 0 fails in the collective it waits in (or torchrun stops it)."""
+    script = tmp_path / "rank1_diverges.py"
+    script.write_text(
+        "import os, sys\n"
+        "from mtrl_arch.cli import main\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from mtrl_arch.agents.rl_loop import RLRun, NonFiniteError\n"
+        "    def diverge(self, rates):\n"
+        "        raise NonFiniteError('non-finite critic_loss (task push-v3) at env step 100')\n"
+        "    RLRun._log_train = diverge\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    run = tmp_path / "run"
+    p = _torchrun(["train", *SAC, "arch.method=hps", "arch.search_steps=0", "train.total_env_steps=400",
+                   f"run_dir={run}"], script=script, timeout=240)
+    assert p.returncode != 0
+    assert "error: rank 1: non-finite critic_loss (task push-v3) at env step 100" in p.stderr
+    assert "exitcode  : 3" in p.stderr  # the CLI's divergence code, named in torchrun's summary
+    assert not (run / "model.pt").exists()
