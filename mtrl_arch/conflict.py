@@ -119,22 +119,32 @@ def task_rows(G: Tensor, tasks: Sequence[int]) -> Tensor:
     return G[list(tasks)]
 
 
+def task_grams(groups: Sequence[ParamGroup], grads: Sequence[Tensor]) -> list[Tensor | None]:
+    """Per group, the inner products of the gradients of the tasks using it ([k, k]; None for one task).
+
+    Computed once per step and shared by the conflict-noticed mask and the statistics.
+    """
+    return [(R := task_rows(G, g.tasks)) @ R.T if len(g.tasks) > 1 else None for g, G in zip(groups, grads)]
+
+
+def _pairs(D: Tensor) -> Tensor:
+    i, j = torch.triu_indices(D.shape[0], D.shape[0], 1, device=D.device)
+    return D[i, j]
+
+
+def cosines_from_gram(D: Tensor) -> Tensor:
+    """Cosine similarity of every task pair (i < j) from their Gram matrix ``D`` [k, k]."""
+    n = D.diagonal().clamp_min(0).sqrt().clamp_min(1e-12)
+    return _pairs(D / (n[:, None] * n[None, :]))
+
+
 def pair_cosines(G: Tensor) -> Tensor:
     """Cosine similarity of every task pair (i < j) of the rows of ``G`` [k, n]."""
-    n = G.norm(dim=1).clamp_min(1e-12)
-    cos = (G @ G.T) / (n[:, None] * n[None, :])
-    i, j = torch.triu_indices(G.shape[0], G.shape[0], 1, device=G.device)
-    return cos[i, j]
+    return cosines_from_gram(G @ G.T)
 
 
-def has_conflict(G: Tensor) -> Tensor:
-    """True where some pair of the rows of ``G`` [k, n] has a negative inner product (0-d bool)."""
-    dots = G @ G.T
-    i, j = torch.triu_indices(G.shape[0], G.shape[0], 1, device=G.device)
-    return (dots[i, j] < 0).any()
-
-
-def conflict_mask(groups: Sequence[ParamGroup], grads: Sequence[Tensor], variant: str = "layer") -> Tensor:
+def conflict_mask(groups: Sequence[ParamGroup], grads: Sequence[Tensor], variant: str = "layer",
+                  grams: Sequence[Tensor | None] | None = None) -> Tensor:
     """Which groups the conflict-noticed operation withholds this step (bool [n_groups]).
 
     ``layer``: a group conflicts when two of the tasks using it have gradients with a
@@ -143,8 +153,9 @@ def conflict_mask(groups: Sequence[ParamGroup], grads: Sequence[Tensor], variant
     """
     if variant not in ("layer", "branch"):
         raise ValueError(f"unknown conflict-noticed variant {variant!r}; choose 'layer' or 'branch'")
-    flags = [has_conflict(task_rows(G, g.tasks)) if len(g.tasks) > 1 else torch.zeros((), dtype=torch.bool, device=G.device)
-             for g, G in zip(groups, grads)]
+    grams = task_grams(groups, grads) if grams is None else grams
+    flags = [(_pairs(D) < 0).any() if D is not None else torch.zeros((), dtype=torch.bool, device=G.device)
+             for D, G in zip(grams, grads)]
     mask = torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool)
     if variant == "branch" and len(groups) > 1:
         out = mask.clone()
@@ -170,11 +181,13 @@ class ConflictStats:
     cos_sum: dict[str, Tensor] = field(default_factory=dict)
     below: dict[str, Tensor] = field(default_factory=dict)  # [n_thresholds, n_pairs]
 
-    def update(self, groups: Sequence[ParamGroup], grads: Sequence[Tensor], mask: Tensor | None = None) -> None:
-        for k, (g, G) in enumerate(zip(groups, grads)):
-            if len(g.tasks) < 2:
+    def update(self, groups: Sequence[ParamGroup], grads: Sequence[Tensor], mask: Tensor | None = None,
+               grams: Sequence[Tensor | None] | None = None) -> None:
+        grams = task_grams(groups, grads) if grams is None else grams
+        for k, (g, D) in enumerate(zip(groups, grams)):
+            if D is None:
                 continue
-            cos = pair_cosines(task_rows(G, g.tasks))
+            cos = cosines_from_gram(D)
             th = torch.tensor(self.thresholds, device=cos.device)
             b = (cos[None, :] < th[:, None]).long()
             if g.name not in self.steps:

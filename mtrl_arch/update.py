@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed
-from .conflict import ConflictStats, conflict_mask, task_gradients, write_group_grads
+from .conflict import ConflictStats, conflict_mask, task_grams, task_gradients, write_group_grads
 
 
 class GradientCombiner:
@@ -52,8 +52,9 @@ class GradientCombiner:
         if sync:  # combine the global per-task gradients (the same on every rank), not this rank's
             distributed.all_reduce_grads(self._params(net, inputs))
             *grads, w = distributed.all_reduce_mean([*grads, w])
-        mask = conflict_mask(groups, grads, self.cn_variant) if self.conflict_noticed else None
-        self.stats.update(groups, grads, mask)
+        grams = task_grams(groups, grads)
+        mask = conflict_mask(groups, grads, self.cn_variant, grams) if self.conflict_noticed else None
+        self.stats.update(groups, grads, mask, grams)
         for o in observers:
             if getattr(o, "wants_task_grads", False):
                 o.observe_task_grads(groups, grads)
