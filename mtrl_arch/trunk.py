@@ -126,7 +126,9 @@ class BatchedLinear(CaptureMixin, nn.Module):
             # calls grouped into equal runs of one module each (ensembles): one bmm, no weight copy
             lo, n = runs
             flat = x.reshape(n, -1, self.in_features)
-            y = torch.baddbmm(self.bias[lo:lo + n].unsqueeze(1), flat, self.weight[lo:lo + n])
+            # the whole bank is the parameter itself: a slice of it would cost a zero-filled full-size grad in backward
+            w, b = (self.weight, self.bias) if n == self.n_modules else (self.weight[lo:lo + n], self.bias[lo:lo + n])
+            y = torch.baddbmm(b.unsqueeze(1), flat, w)
             y = y.view(C, *x.shape[1:-1], self.out_features)
         else:
             w, b = self.gather(self.weight, idx), self.gather(self.bias, idx)
