@@ -56,7 +56,7 @@ def _run_refs(refs, x, idx):
     return torch.stack([parts[c] for c in range(len(idx))])
 
 
-def _close(a, b, tol=1e-5):
+def _assert_near(a, b, tol=1e-5):
     assert a.shape == b.shape, (a.shape, b.shape)
     torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
@@ -113,14 +113,14 @@ def test_conv_bank_matches_separate_convs(idx):
     x = torch.randn(3, 5, 4, 9, 9)
     y = bank(x, idx)
     ref = _run_refs(refs, x, idx)
-    _close(y, ref)
+    _assert_near(y, ref)
     g = torch.randn_like(y)
     (y * g).sum().backward()
     (ref * g).sum().backward()
     for m in range(3):
         zero = torch.zeros_like(bank.weight[m])
-        _close(bank.weight.grad[m], refs[m].weight.grad if refs[m].weight.grad is not None else zero)
-        _close(bank.bias.grad[m], refs[m].bias.grad if refs[m].bias.grad is not None else zero[:, 0, 0, 0])
+        _assert_near(bank.weight.grad[m], refs[m].weight.grad if refs[m].weight.grad is not None else zero)
+        _assert_near(bank.bias.grad[m], refs[m].bias.grad if refs[m].bias.grad is not None else zero[:, 0, 0, 0])
 
 
 @pytest.mark.parametrize("idx", IDXS)
@@ -134,22 +134,22 @@ def test_bn_bank_matches_separate_bns_train_and_eval(idx):
     x = torch.randn(3, 4, 5, 6, 6) * 2 + 1
     y = bank(x, idx)
     ref = _run_refs(refs, x, idx)
-    _close(y, ref)
+    _assert_near(y, ref)
     g = torch.randn_like(y)
     (y * g).sum().backward()
     (ref * g).sum().backward()
     for m in range(3):
         used = m in idx
-        _close(bank.weight.grad[m], refs[m].weight.grad if used else torch.zeros(5))
-        _close(bank.bias.grad[m], refs[m].bias.grad if used else torch.zeros(5))
+        _assert_near(bank.weight.grad[m], refs[m].weight.grad if used else torch.zeros(5))
+        _assert_near(bank.bias.grad[m], refs[m].bias.grad if used else torch.zeros(5))
         # running statistics land in the right module rows (unused modules untouched)
-        _close(bank.running_mean[m], refs[m].running_mean)
-        _close(bank.running_var[m], refs[m].running_var)
+        _assert_near(bank.running_mean[m], refs[m].running_mean)
+        _assert_near(bank.running_var[m], refs[m].running_var)
         assert int(bank.num_batches_tracked[m]) == int(refs[m].num_batches_tracked)
     bank.eval()
     for r in refs:
         r.eval()
-    _close(bank(x, idx), _run_refs(refs, x, idx))
+    _assert_near(bank(x, idx), _run_refs(refs, x, idx))
 
 
 def test_bn_shared_path_is_one_bn_over_all_calls():
@@ -160,9 +160,9 @@ def test_bn_shared_path_is_one_bn_over_all_calls():
     _load_bn(ref, bank, 1)
     x = torch.randn(4, 5, 3, 4, 4)
     y = bank(x, [1, 1, 1, 1])
-    _close(y.reshape(20, 3, 4, 4), ref(x.reshape(20, 3, 4, 4)))
-    _close(bank.running_mean[1], ref.running_mean)
-    _close(bank.running_var[1], ref.running_var)
+    _assert_near(y.reshape(20, 3, 4, 4), ref(x.reshape(20, 3, 4, 4)))
+    _assert_near(bank.running_mean[1], ref.running_mean)
+    _assert_near(bank.running_var[1], ref.running_var)
 
 
 @pytest.mark.parametrize("cin,cout,stride", [(4, 8, 2), (8, 8, 1)])
@@ -188,21 +188,21 @@ def test_basic_block_bank_matches_separate_blocks(cin, cout, stride, idx):
     x = torch.randn(3, 4, cin, 8, 8)
     y = bank(x, idx)
     ref = _run_refs(refs, x, idx)
-    _close(y, ref, 1e-4)
+    _assert_near(y, ref, 1e-4)
     assert y.shape == (3, 4, cout, 8 // stride, 8 // stride)
     g = torch.randn_like(y)
     (y * g).sum().backward()
     (ref * g).sum().backward()
     for m in set(idx):
-        _close(bank.conv1.weight.grad[m], refs[m].conv1.weight.grad, 1e-4)
-        _close(bank.conv2.weight.grad[m], refs[m].conv2.weight.grad, 1e-4)
-        _close(bank.bn1.weight.grad[m], refs[m].bn1.weight.grad, 1e-4)
-        _close(bank.bn2.bias.grad[m], refs[m].bn2.bias.grad, 1e-4)
-        _close(bank.bn2.running_mean[m], refs[m].bn2.running_mean)
-        _close(bank.bn1.running_var[m], refs[m].bn1.running_var)
+        _assert_near(bank.conv1.weight.grad[m], refs[m].conv1.weight.grad, 1e-4)
+        _assert_near(bank.conv2.weight.grad[m], refs[m].conv2.weight.grad, 1e-4)
+        _assert_near(bank.bn1.weight.grad[m], refs[m].bn1.weight.grad, 1e-4)
+        _assert_near(bank.bn2.bias.grad[m], refs[m].bn2.bias.grad, 1e-4)
+        _assert_near(bank.bn2.running_mean[m], refs[m].bn2.running_mean)
+        _assert_near(bank.bn1.running_var[m], refs[m].bn1.running_var)
         if bank.down_conv is not None:
-            _close(bank.down_conv.weight.grad[m], refs[m].down[0].weight.grad, 1e-4)
-            _close(bank.down_bn.running_mean[m], refs[m].down[1].running_mean)
+            _assert_near(bank.down_conv.weight.grad[m], refs[m].down[0].weight.grad, 1e-4)
+            _assert_near(bank.down_bn.running_mean[m], refs[m].down[1].running_mean)
 
 
 def _basic_params(cin, cout, stride):
@@ -276,7 +276,7 @@ def test_transformer_block_bank_matches_separate_blocks(idx):
     mask[:, 1, 4:] = False
     y = bank(x, idx, mask)
     ref = torch.stack([refs[m](x[c], mask[c]) for c, m in enumerate(idx)])
-    _close(y, ref, 1e-5)
+    _assert_near(y, ref, 1e-5)
     g = torch.randn_like(y)
     (y * g).sum().backward()
     (ref * g).sum().backward()
@@ -284,7 +284,7 @@ def test_transformer_block_bank_matches_separate_blocks(idx):
     for m in set(idx):
         grads = dict(refs[m].named_parameters())
         for n, p in zip(names, bank.params):
-            _close(p.grad[m], grads[n].grad, 1e-4)
+            _assert_near(p.grad[m], grads[n].grad, 1e-4)
 
 
 def test_transformer_dropout_in_vmap_and_eval_mode():
@@ -298,7 +298,7 @@ def test_transformer_dropout_in_vmap_and_eval_mode():
     assert not torch.allclose(y[0], y[1])
     bank.eval()
     y = bank(x, [0, 1])
-    _close(y[0], y[1])
+    _assert_near(y[0], y[1])
 
 
 def test_embedding_and_pool_banks():
@@ -308,7 +308,7 @@ def test_embedding_and_pool_banks():
     for idx in ([0, 1, 2], [2, 2, 0], [1, 1, 1]):
         y = emb(ids, idx)
         ref = torch.stack([emb.tok[m][ids[c]] + emb.pos[m, :6] for c, m in enumerate(idx)])
-        _close(y, ref)
+        _assert_near(y, ref)
     pool = MaskedMeanPoolBank(2, 8)
     with torch.no_grad():
         pool.weight.uniform_(0.5, 1.5)
@@ -319,7 +319,7 @@ def test_embedding_and_pool_banks():
     for idx in ([0, 1], [1, 0], [1, 1]):
         y = pool(x, idx, mask)
         ln = [F.layer_norm(x[c], (8,), pool.weight[m], pool.bias[m]) for c, m in enumerate(idx)]
-        _close(y, torch.stack([v[:, :3].mean(1) for v in ln]))
+        _assert_near(y, torch.stack([v[:, :3].mean(1) for v in ln]))
 
 
 def test_transformer_trunk_end_to_end():
@@ -338,5 +338,5 @@ def test_transformer_trunk_end_to_end():
     # padding does not change the output: extra padded positions are ignored
     ids2 = ids.clone()
     ids2[:, :, 8:] = 0
-    _close(net(ids, aux=mask), net(ids2, aux=mask), 1e-5)
+    _assert_near(net(ids, aux=mask), net(ids2, aux=mask), 1e-5)
     assert copy.deepcopy(net) is not None

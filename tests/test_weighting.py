@@ -15,16 +15,16 @@ def t(*rows: list[float]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def close(a: torch.Tensor, b, atol: float = 1e-6) -> None:
+def assert_near(a: torch.Tensor, b, atol: float = 1e-6) -> None:
     torch.testing.assert_close(a, torch.as_tensor(b, dtype=a.dtype), atol=atol, rtol=0)
 
 
 def test_ew() -> None:
     w = make_weighting("ew", 3)
     L = torch.tensor([1.0, 2.0, 6.0], requires_grad=True)
-    close(w.loss(L), 3.0)
+    assert_near(w.loss(L), 3.0)
     G = torch.randn(3, 5, dtype=torch.float64)
-    close(w.combine(G), G.mean(0))
+    assert_near(w.combine(G), G.mean(0))
     assert not w.needs_task_grads and w.parameters() == []
 
 
@@ -32,32 +32,32 @@ def test_pcgrad_conflicting_by_hand() -> None:
     # g1.g2 = -1: g1' = g1 + 0.5 g2 = [0.5, 0.5]; g2' = g2 + g1 = [0, 1]; mean = [0.25, 0.75]
     G = t([1.0, 0.0], [-1.0, 1.0])
     for seed in range(4):
-        close(make_weighting("pcgrad", 2, seed=seed).combine(G), [0.25, 0.75])
+        assert_near(make_weighting("pcgrad", 2, seed=seed).combine(G), [0.25, 0.75])
 
 
 def test_pcgrad_no_conflict_is_mean() -> None:
     G = t([1.0, 2.0, 0.0], [0.5, 0.1, 3.0], [2.0, 0.0, 1.0])  # all pairwise dots > 0
-    close(make_weighting("pcgrad", 3).combine(G), G.mean(0))
+    assert_near(make_weighting("pcgrad", 3).combine(G), G.mean(0))
 
 
 def test_mgda_two_tasks_closed_form() -> None:
-    close(make_weighting("mgda", 2).combine(t([1.0, 0.0], [0.0, 1.0])), [0.5, 0.5])
+    assert_near(make_weighting("mgda", 2).combine(t([1.0, 0.0], [0.0, 1.0])), [0.5, 0.5])
     g = torch.randn(2, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     g1, g2 = g
     gamma = ((g2 - g1) @ g2 / (g1 - g2).pow(2).sum()).clamp(0, 1)
-    close(make_weighting("mgda", 2).combine(g), gamma * g1 + (1 - gamma) * g2)
+    assert_near(make_weighting("mgda", 2).combine(g), gamma * g1 + (1 - gamma) * g2)
     # one gradient inside the other's "shadow": min-norm point is the shorter one itself
-    close(make_weighting("mgda", 2).combine(t([1.0, 0.0], [3.0, 1.0])), [1.0, 0.0])
+    assert_near(make_weighting("mgda", 2).combine(t([1.0, 0.0], [3.0, 1.0])), [1.0, 0.0])
 
 
 def test_mgda_three_tasks_is_min_norm() -> None:
     # G = I_3: min-norm point of the simplex is the centroid [1/3]*3; KKT: g_i.d >= |d|^2 for all i
-    close(make_weighting("mgda", 3).combine(torch.eye(3, dtype=torch.float64)), [1 / 3] * 3, atol=1e-4)
+    assert_near(make_weighting("mgda", 3).combine(torch.eye(3, dtype=torch.float64)), [1 / 3] * 3, atol=1e-4)
     G = torch.randn(4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     w = make_weighting("mgda", 4)
     d = w.combine(G)
     assert (G @ d >= d @ d - 1e-4).all()
-    close(w.last_alpha.sum(), 1.0)
+    assert_near(w.last_alpha.sum(), 1.0)
     assert (w.last_alpha >= 0).all()
 
 
@@ -65,12 +65,12 @@ def test_mgda_loss_normalisation() -> None:
     w = make_weighting("mgda", 2, normalize="loss")
     w.loss(torch.tensor([2.0, 4.0], dtype=torch.float64))
     # normalised grads [0.5,0] and [0,0.25]; min-norm gamma = 0.0625/0.3125 = 0.2 -> [0.1, 0.2]
-    close(w.combine(t([1.0, 0.0], [0.0, 1.0])), [0.1, 0.2])
+    assert_near(w.combine(t([1.0, 0.0], [0.0, 1.0])), [0.1, 0.2])
 
 
 def test_cagrad_c0_is_mean() -> None:
     G = torch.randn(3, 5, dtype=torch.float64)
-    close(make_weighting("cagrad", 3, c=0.0).combine(G), G.mean(0))
+    assert_near(make_weighting("cagrad", 3, c=0.0).combine(G), G.mean(0))
 
 
 def test_cagrad_maximises_worst_task_improvement() -> None:
@@ -87,7 +87,7 @@ def test_cagrad_maximises_worst_task_improvement() -> None:
     best = (pts @ G.T).min(-1).values.max()
     assert abs((G @ d).min() - best) < 1e-3
     d1 = make_weighting("cagrad", 2, c=0.5).combine(G)  # default rescale=1: d / (1 + c^2)
-    close(d1, d / 1.25, atol=1e-6)
+    assert_near(d1, d / 1.25, atol=1e-6)
 
 
 def test_imtl_equal_projections() -> None:
@@ -95,9 +95,9 @@ def test_imtl_equal_projections() -> None:
     w = make_weighting("imtl", 4)
     d = w.combine(G)
     proj = (G / G.norm(dim=1, keepdim=True)) @ d
-    close(proj, proj[0].expand(4), atol=1e-8)
-    close(w.last_alpha.sum(), 1.0)
-    close(make_weighting("imtl", 2).combine(t([2.0, 0.0], [0.0, 2.0])), [1.0, 1.0])
+    assert_near(proj, proj[0].expand(4), atol=1e-8)
+    assert_near(w.last_alpha.sum(), 1.0)
+    assert_near(make_weighting("imtl", 2).combine(t([2.0, 0.0], [0.0, 2.0])), [1.0, 1.0])
 
 
 def test_nash_mtl_bargaining_solution() -> None:
@@ -105,47 +105,47 @@ def test_nash_mtl_bargaining_solution() -> None:
     w = make_weighting("nash_mtl", 2, max_norm=0.0)
     d = w.combine(G)
     a = w.alpha
-    close((G @ G.T @ a) * a, [1.0, 1.0], atol=1e-6)
+    assert_near((G @ G.T @ a) * a, [1.0, 1.0], atol=1e-6)
     # combined = (sqrt(||GG^T||_F) * alpha) @ G / T
-    close(d, math.sqrt(torch.linalg.matrix_norm(G @ G.T)) * a @ G / 2)
+    assert_near(d, math.sqrt(torch.linalg.matrix_norm(G @ G.T)) * a @ G / 2)
     # max_norm clips the output norm
     assert make_weighting("nash_mtl", 2, max_norm=0.1).combine(G).norm() <= 0.1 + 1e-9
     # orthogonal unit grads: alpha = 1 each
     w2 = make_weighting("nash_mtl", 2)
     w2.combine(t([1.0, 0.0], [0.0, 1.0]))
-    close(w2.alpha, [1.0, 1.0], atol=1e-6)
+    assert_near(w2.alpha, [1.0, 1.0], atol=1e-6)
 
 
 def test_graddrop_properties() -> None:
     G = t([1.0, -2.0, 3.0, -1.0, 0.5], [2.0, -1.0, -1.0, 2.0, 0.0], [0.5, -0.5, 1.0, -3.0, 0.0])
     for seed in range(5):
         d = make_weighting("graddrop", 3, seed=seed).combine(G)
-        close(d[:2], G[:, :2].mean(0))  # tasks agree in sign: every row kept -> mean
+        assert_near(d[:2], G[:, :2].mean(0))  # tasks agree in sign: every row kept -> mean
         # leak 0: each coordinate is (sum of positive entries)/T or (sum of negative entries)/T
         pos, neg = G.clamp(min=0).sum(0) / 3, G.clamp(max=0).sum(0) / 3
         assert ((d - pos).abs().lt(1e-12) | (d - neg).abs().lt(1e-12)).all()
-    close(make_weighting("graddrop", 3, leak=1.0).combine(G), G.mean(0))  # leak 1: nothing dropped
+    assert_near(make_weighting("graddrop", 3, leak=1.0).combine(G), G.mean(0))  # leak 1: nothing dropped
 
 
 def test_gradvac_first_step_is_pcgrad_then_ema() -> None:
     G = t([1.0, 0.0], [-1.0, 1.0])
     w = make_weighting("gradvac", 2, beta=0.5)
-    close(w.combine(G), [0.25, 0.75])  # target cosine 0 -> exactly the PCGrad projection
+    assert_near(w.combine(G), [0.25, 0.75])  # target cosine 0 -> exactly the PCGrad projection
     cos = -1 / math.sqrt(2)
-    close(w.state_dict()["rho_T"], [[0.0, 0.5 * cos], [0.5 * cos, 0.0]])
+    assert_near(w.state_dict()["rho_T"], [[0.0, 0.5 * cos], [0.5 * cos, 0.0]])
     # non-conflicting pair with cosine above the target: unchanged -> mean
     G2 = t([1.0, 0.0], [1.0, 1.0])
-    close(make_weighting("gradvac", 2).combine(G2), G2.mean(0))
+    assert_near(make_weighting("gradvac", 2).combine(G2), G2.mean(0))
 
 
 def test_aligned_mtl() -> None:
     # orthogonal grads with norms 1 and 2: B = sqrt(1) diag(1, 1/2) -> alpha = [1, .5], d = [1,1]/2
-    close(make_weighting("aligned_mtl", 2).combine(t([1.0, 0.0], [0.0, 2.0])), [0.5, 0.5])
+    assert_near(make_weighting("aligned_mtl", 2).combine(t([1.0, 0.0], [0.0, 2.0])), [0.5, 0.5])
     # G = U S Vh: aligned rows B G = s_min U Vh (all singular values s_min), d = 1^T B G / T
     G = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     d = make_weighting("aligned_mtl", 3).combine(G)
     U, S, Vh = torch.linalg.svd(G, full_matrices=False)
-    close(d, S.min() * (U @ Vh).sum(0) / 3, atol=1e-8)
+    assert_near(d, S.min() * (U @ Vh).sum(0) / 3, atol=1e-8)
 
 
 def test_uw_gradient() -> None:
@@ -156,29 +156,29 @@ def test_uw_gradient() -> None:
     L = torch.tensor([1.5, 0.4])
     total = w.loss(L)
     s = torch.tensor([0.3, -0.2])
-    close(total, (L / (2 * s.exp()) + s / 2).mean())
+    assert_near(total, (L / (2 * s.exp()) + s / 2).mean())
     total.backward()
-    close(w.parameters()[0].grad, (-L / (2 * s.exp()) + 0.5) / 2)
+    assert_near(w.parameters()[0].grad, (-L / (2 * s.exp()) + 0.5) / 2)
     sd = w.state_dict()
     w2 = make_weighting("uw", 2)
     w2.load_state_dict(sd)
-    close(w2.parameters()[0].detach(), s)
+    assert_near(w2.parameters()[0].detach(), s)
 
 
 def test_dwa_weights() -> None:
     w = make_weighting("dwa", 3)
     L = torch.tensor([1.0, 2.0, 3.0])
-    close(w.loss(L), L.mean())  # ones before two epochs
+    assert_near(w.loss(L), L.mean())  # ones before two epochs
     w.end_epoch(torch.tensor([1.0, 2.0, 4.0]))
-    close(w.loss(L), L.mean())
+    assert_near(w.loss(L), L.mean())
     w.end_epoch(torch.tensor([0.5, 2.0, 2.0]))
     r = torch.tensor([0.5, 1.0, 0.5])
     weights = 3 * torch.softmax(r / 2.0, 0)
-    close(w.loss(L), (weights * L).mean())
-    close(w.last_weights * 3, weights)
+    assert_near(w.loss(L), (weights * L).mean())
+    assert_near(w.last_weights * 3, weights)
     w2 = make_weighting("dwa", 3)
     w2.load_state_dict(w.state_dict())
-    close(w2.loss(L), (weights * L).mean())
+    assert_near(w2.loss(L), (weights * L).mean())
 
 
 def test_rlw_weights_sum_to_one() -> None:
@@ -186,9 +186,9 @@ def test_rlw_weights_sum_to_one() -> None:
     L = torch.tensor([1.0, 2.0, 3.0, 4.0])
     for _ in range(3):
         total = w.loss(L)
-        close(w.last_weights.sum(), 1.0)
+        assert_near(w.last_weights.sum(), 1.0)
         assert (w.last_weights > 0).all()
-        close(total, w.last_weights @ L)
+        assert_near(total, w.last_weights @ L)
 
 
 def test_registry_unknown_name_and_option() -> None:
@@ -216,12 +216,12 @@ def test_every_method_shape_finite_and_homogeneous(name: str) -> None:
     # positively homogeneous: combine(3G) == 3 combine(G) on a fresh instance
     w3 = make_weighting(name, T, **opts)
     w3.loss(L)
-    close(w3.combine(3 * G), 3 * d, atol=1e-4)
+    assert_near(w3.combine(3 * G), 3 * d, atol=1e-4)
     # one task: everything is that task's gradient / loss (UW at s=0: L/2 + s/2)
     k = 0.5 if name == "uw" else 1.0
     w1 = make_weighting(name, 1, **opts)
-    close(w1.loss(L[:1]), k * L[0])
-    close(w1.combine(G[:1]), k * G[0])
+    assert_near(w1.loss(L[:1]), k * L[0])
+    assert_near(w1.combine(G[:1]), k * G[0])
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -236,4 +236,4 @@ def test_loss_gradient_matches_convention(name: str) -> None:
     w.end_epoch(torch.tensor([0.5, 2.5, 1.0]))
     w.loss(G @ theta).backward()
     want = G.mean(0) if w.needs_task_grads else w.combine(G)
-    close(theta.grad, want, atol=1e-6)
+    assert_near(theta.grad, want, atol=1e-6)
