@@ -98,6 +98,7 @@ class MultiDigitData:
     generator_seed: int = 0   # seed of the composites and of the validation split (fixed across run seeds)
     train_subset: int = 0     # use a seeded subset of this many training examples (0: all)
     eval_subset: int = 0      # likewise for the validation and test sets
+    check_counts: bool = True  # false: accept IDX files holding a subset (e.g. tests/fixtures/data)
 
 
 @dataclass
@@ -293,8 +294,8 @@ def _multi_digit(cfg: Config, o: MultiDigitData, m: Any, tasks) -> TaskAdapter:
 
     root = data_root(cfg)
     cache = o.cache_dir or None
-    tr = load_multi(root, cfg.data.name, "train", seed=o.generator_seed, cache_dir=cache)
-    te = load_multi(root, cfg.data.name, "test", seed=o.generator_seed, cache_dir=cache)
+    tr = load_multi(root, cfg.data.name, "train", seed=o.generator_seed, cache_dir=cache, check_count=o.check_counts)
+    te = load_multi(root, cfg.data.name, "test", seed=o.generator_seed, cache_dir=cache, check_count=o.check_counts)
     cols = [BENCHMARKS[cfg.data.name]["tasks"].index(t) for t in tasks]
 
     def data(md, idx) -> TensorData:

@@ -135,7 +135,8 @@ def _load_source(root: str | os.PathLike, kind: str, split: str, check_count: bo
         if len(images) != len(labels):
             raise DataError(f"{img_name} holds {len(images)} images but {lab_name} {len(labels)} labels")
         if check_count and len(images) != _MNIST_COUNTS[split]:
-            raise DataError(f"{img_name}: {len(images)} images, expected {_MNIST_COUNTS[split]}")
+            raise DataError(f"{img_name}: {len(images)} images, expected {_MNIST_COUNTS[split]} "
+                            f"(for a subset set data.options.check_counts=false)")
         if labels.size and labels.max() > 9:
             raise DataError(f"{lab_name}: labels outside 0..9")
     except DataError as e:
@@ -144,13 +145,15 @@ def _load_source(root: str | os.PathLike, kind: str, split: str, check_count: bo
     return images, labels.astype(np.int64), digest
 
 
-def load_mnist(root: str | os.PathLike, split: str = "train", kind: str = "mnist") -> tuple[np.ndarray, np.ndarray]:
+def load_mnist(root: str | os.PathLike, split: str = "train", kind: str = "mnist",
+               check_count: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """MNIST (``kind="mnist"``) or Fashion-MNIST (``kind="fashion_mnist"``) from ``ROOT/<kind>/``.
 
     Returns ``(images uint8 [N, 28, 28], labels int64 [N])`` with N = 60,000 (train) or
-    10,000 (test). Raises :class:`DataError` with one line naming the expected files.
+    10,000 (test); ``check_count=False`` accepts files holding a subset (same format, any N,
+    e.g. tests/fixtures/data). Raises :class:`DataError` with one line naming the expected files.
     """
-    images, labels, _ = _load_source(root, kind, split)
+    images, labels, _ = _load_source(root, kind, split, check_count)
     return images, labels
 
 
@@ -315,6 +318,7 @@ def load_multi(
     split: str = "train",
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
+    check_count: bool = True,
 ) -> MultiDigit:
     """Multi-MNIST (``"multi_mnist"``), Multi-Fashion (``"multi_fashion"``) or
     Multi-Fashion+MNIST (``"multi_fashion_mnist"``: MNIST digit at the top-left, task 1;
@@ -323,18 +327,18 @@ def load_multi(
     120,000 training / 20,000 test composites; see :func:`generate_multi` for the exact
     pairing and placement. With ``cache_dir`` the arrays are stored as an ``.npz`` keyed by
     variant, split, seed, generator version and the SHA-256 of the source files, and read
-    back on later calls.
+    back on later calls. ``check_count=False`` accepts source files holding a subset.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
     if split not in _SPLIT_CODE:
         raise ValueError(f"unknown split {split!r}; choose 'train' or 'test'")
     tl_kind, br_kind = VARIANTS[variant]
-    tl_images, tl_labels, tl_digest = _load_source(root, tl_kind, split)
+    tl_images, tl_labels, tl_digest = _load_source(root, tl_kind, split, check_count)
     if br_kind == tl_kind:
         br_images, br_labels, br_digest = tl_images, tl_labels, tl_digest
     else:
-        br_images, br_labels, br_digest = _load_source(root, br_kind, split)
+        br_images, br_labels, br_digest = _load_source(root, br_kind, split, check_count)
     cache_file = None
     if cache_dir is not None:
         key = hashlib.sha256(f"{tl_digest}:{br_digest}".encode()).hexdigest()[:16]

@@ -1,7 +1,8 @@
 """Data-parallel supervised training under torchrun (gloo, CPU, 2 processes) against one process.
 
 The end-to-end tests start real ``torchrun`` jobs of the CLI on Multi-Fashion+MNIST (LeNet,
-tiny budget; skipped without the data under MTRL_ARCH_DATA, default ../shared/data):
+tiny budget; the real files under MTRL_ARCH_DATA, default ../shared/data, else the subset
+in tests/fixtures/data):
 CoNAL with the conflict-noticed operation and PCGrad, so the per-task gradient rows, the
 gradient combination, the architecture step and the derived tree all go through the
 collectives. Two processes with a global batch of 16 (8 each) must end where one process
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_roots import data_overrides
 from mtrl_arch import distributed
 from mtrl_arch.cli import main
 from mtrl_arch.logger import read_metrics
@@ -31,20 +33,13 @@ from mtrl_arch.logger import read_metrics
 TOL = 1e-5  # max |parameter difference| between 2 processes and 1 process after search + retrain
 
 
-def _data_root() -> Path:
-    env = os.environ.get("MTRL_ARCH_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    if not ((_data_root() / "mnist").is_dir() and (_data_root() / "fashion_mnist").is_dir()):
-        pytest.skip(f"mnist/fashion_mnist not found under {_data_root()} (set MTRL_ARCH_DATA)")
     return tmp_path_factory.mktemp("multi_cache")
 
 
 def _tiny(cache: Path) -> list[str]:
-    return [f"data.root={_data_root()}", f"data.options.cache_dir={cache}", "model.backbone=lenet",
+    return [*data_overrides("mnist", "fashion_mnist"), f"data.options.cache_dir={cache}", "model.backbone=lenet",
             "data.options.train_subset=256", "data.options.eval_subset=128", "train.batch_size=16",
             "train.limit_batches=3", "eval.limit_batches=1", "eval.batch_size=64", "arch.search_steps=3",
             "arch.conflict_noticed=true", "weighting=pcgrad", "wandb.mode=disabled", "train.threads=1"]

@@ -2,21 +2,21 @@
 resume (exact, also mid-search after a signal), evaluation, Delta_m, and one-line user errors.
 
 Multi-* and GLUE use the real data under MTRL_ARCH_DATA (default ../shared/data next to
-the repository) and are skipped without it; NYUv2, CityScapes and CelebA use
-tests/fixtures. Networks are shrunk (width, layers) so the whole file runs in a couple of
+the repository), else the real-data subset in tests/fixtures/data; NYUv2, CityScapes and
+CelebA use tests/fixtures. Networks are shrunk (width, layers) so the whole file runs in a couple of
 minutes on two CPU cores.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 
+from data_roots import data_overrides
 from mtrl_arch.cli import main
 from mtrl_arch.config import available_configs, load_config
 from mtrl_arch.logger import read_metrics
@@ -27,11 +27,6 @@ SUPERVISED_CONFIGS = sorted(
     [f"multi_fashion_mnist_{m}" for m in ("hps", "stl", "conal", "conal_pro", "ltb", "adashare", "recon")]
     + ["multi_mnist_hps", "multi_mnist_conal", "multi_fashion_hps", "multi_fashion_conal", "celeba9_conal_pro",
        "nyuv2_hps", "nyuv2_conal", "cityscapes_hps", "cityscapes_conal", "glue_hps", "glue_stl", "glue_conal"])
-
-
-def _data_root() -> Path:
-    env = os.environ.get("MTRL_ARCH_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,25 +50,15 @@ def _tiny(config: str, cache: Path) -> list[str]:
               "wandb.mode=disabled", "data.num_workers=0"]
     name = load_config(config).data.name
     if name.startswith("multi_"):
-        return common + [f"data.root={_data_root()}", f"data.options.cache_dir={cache}", "model.options.width=4",
-                         "train.batch_size=8", "eval.batch_size=64"]
+        return common + [*data_overrides("mnist", "fashion_mnist"), f"data.options.cache_dir={cache}",
+                         "model.options.width=4", "train.batch_size=8", "eval.batch_size=64"]
     if name == "glue":
-        return common + [f"data.root={_data_root()}", "data.options.train_subset=48", "data.options.eval_subset=16",
+        return common + [*data_overrides("glue"), "data.options.train_subset=48", "data.options.eval_subset=16",
                          "data.options.vocab_size=300", "data.options.max_len=24", "model.options.d_model=16",
                          "model.options.d_ff=32", "model.options.n_layers=1", "model.options.n_heads=2",
                          "train.batch_size=4", "eval.batch_size=8"]
     return common + [f"data.root={FIXTURES / name}", "model.options.width=4", "model.options.out_features=8",
                      "train.batch_size=2", "eval.batch_size=2"]
-
-
-def _needs_data(config: str) -> None:
-    name = load_config(config).data.name
-    root = _data_root()
-    need = {"multi_mnist": ["mnist"], "multi_fashion": ["fashion_mnist"], "multi_fashion_mnist": ["mnist", "fashion_mnist"],
-            "glue": ["glue"]}.get(name, [])
-    missing = [d for d in need if not (root / d).is_dir()]
-    if missing:
-        pytest.skip(f"{', '.join(missing)} not found under {root} (set MTRL_ARCH_DATA)")
 
 
 def _train(config: str, run_dir: Path, overrides: list[str]) -> int:
@@ -91,7 +76,6 @@ def test_every_supervised_config_is_listed():
 
 @pytest.mark.parametrize("config", SUPERVISED_CONFIGS)
 def test_smoke_every_supervised_config(config, tmp_path, cache):
-    _needs_data(config)
     cfg = load_config(config)
     run = tmp_path / "run"
     assert _train(config, run, _tiny(config, cache)) == 0
@@ -118,14 +102,13 @@ def test_smoke_every_supervised_config(config, tmp_path, cache):
 
 
 def _multi(cache: Path, *extra: str) -> list[str]:
-    return [f"data.root={_data_root()}", f"data.options.cache_dir={cache}", "model.backbone=lenet",
+    return [*data_overrides("mnist", "fashion_mnist"), f"data.options.cache_dir={cache}", "model.backbone=lenet",
             "train.batch_size=32", "train.limit_batches=3", "eval.limit_batches=2", "eval.batch_size=256",
             "wandb.mode=disabled", *extra]
 
 
 def test_resume_continues_exactly(tmp_path, cache):
     """1 epoch, then --resume with train.epochs=2, equals 2 epochs straight; eval reproduces the final eval."""
-    _needs_data("multi_fashion_mnist_hps")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert _train("multi_fashion_mnist_hps", straight, _multi(cache, "train.epochs=2", "train.lr_milestones=[1]")) == 0
     assert _train("multi_fashion_mnist_hps", resumed, _multi(cache, "train.epochs=1", "train.lr_milestones=[1]")) == 0
@@ -147,7 +130,6 @@ def test_resume_continues_exactly(tmp_path, cache):
 
 def test_resume_mid_search_after_signal(tmp_path, cache):
     """SIGINT in the middle of a CoNAL search epoch saves a checkpoint; resuming gives the uninterrupted result."""
-    _needs_data("multi_fashion_mnist_conal")
     from mtrl_arch.agents.supervised import train_supervised
     from mtrl_arch.envs.supervised import make_adapter
 
@@ -180,7 +162,6 @@ def test_resume_mid_search_after_signal(tmp_path, cache):
 
 
 def test_delta_m_against_a_baseline_run(tmp_path, cache):
-    _needs_data("multi_fashion_mnist_stl")
     stl = tmp_path / "stl"
     assert _train("multi_fashion_mnist_stl", stl, _multi(cache, "train.epochs=1")) == 0
     # a run measured against itself is at 0; against given numbers, LibMTL's formula

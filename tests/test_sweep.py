@@ -3,32 +3,27 @@
 its run is reported while the others finish; without Ray, one line naming the install.
 
 The Ray tests start one local Ray instance for the module (about 10 s) and run every trial
-as a real ``mtrl-arch train`` process on Multi-Fashion+MNIST (skipped without the data
-under MTRL_ARCH_DATA, default ../shared/data), so the file takes about a minute and a half
+as a real ``mtrl-arch train`` process on Multi-Fashion+MNIST (the real files under
+MTRL_ARCH_DATA, default ../shared/data, else the subset in tests/fixtures/data), so the file takes about a minute and a half
 on two busy CPU cores.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 
+from data_roots import data_overrides, data_root
 from mtrl_arch import sweep
 from mtrl_arch.cli import main
 from mtrl_arch.config import ConfigError
 
 
-def _data_root() -> Path:
-    env = os.environ.get("MTRL_ARCH_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def _tiny(cache: Path, root: Path | None = None) -> list[str]:
+def _tiny(cache: Path) -> list[str]:
     """A seconds-long supervised run (most of a trial's time is starting Python and torch)."""
-    return [f"data.root={root or _data_root()}", f"data.options.cache_dir={cache}", "model.backbone=lenet",
+    return [*data_overrides("mnist", "fashion_mnist"), f"data.options.cache_dir={cache}", "model.backbone=lenet",
             "data.options.train_subset=256", "data.options.eval_subset=128", "train.batch_size=8",
             "train.epochs=1", "train.limit_batches=2", "eval.limit_batches=1", "eval.batch_size=64",
             "wandb.mode=disabled", "train.threads=1"]
@@ -82,8 +77,6 @@ def test_without_ray_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
 @pytest.fixture(scope="module")
 def local_ray():
     ray = pytest.importorskip("ray")
-    if not ((_data_root() / "mnist").is_dir() and (_data_root() / "fashion_mnist").is_dir()):
-        pytest.skip(f"mnist/fashion_mnist not found under {_data_root()} (set MTRL_ARCH_DATA)")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
@@ -129,7 +122,7 @@ def test_a_failing_trial_is_reported_and_the_others_finish(local_ray, tmp_path, 
     empty = tmp_path / "nodata"
     empty.mkdir()
     over = [o for o in _tiny(cache) if not o.startswith("data.root=")]
-    rc = main(["sweep", "multi_fashion_mnist_hps", f"data.root={_data_root()},{empty}", *over, "--seeds", "0",
+    rc = main(["sweep", "multi_fashion_mnist_hps", f"data.root={data_root('mnist', 'fashion_mnist')},{empty}", *over, "--seeds", "0",
                "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 1

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_roots import SUBSET, data_root, is_subset, real_root
 from mtrl_arch.envs.vision import (
     CANVAS,
     ITEM,
@@ -28,22 +28,21 @@ from mtrl_arch.envs.vision import (
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
-def _data_root() -> Path:
-    env = os.environ.get("MTRL_ARCH_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
 @pytest.fixture(scope="module")
 def root() -> Path:
-    p = _data_root()
-    if not (p / "mnist").is_dir() or not (p / "fashion_mnist").is_dir():
-        pytest.skip(f"MNIST / Fashion-MNIST not found under {p} (set MTRL_ARCH_DATA)")
-    return p
+    """The real MNIST / Fashion-MNIST files, else their subset in tests/fixtures/data."""
+    return data_root("mnist", "fashion_mnist")
 
 
 @pytest.fixture(scope="module")
-def mm_test(root):
-    return load_multi(root, "multi_mnist", "test", seed=0)
+def full(root) -> bool:
+    """Whether ``root`` holds the full data sets (their known counts are checked then)."""
+    return not is_subset(root)
+
+
+@pytest.fixture(scope="module")
+def mm_test(root, full):
+    return load_multi(root, "multi_mnist", "test", seed=0, check_count=full)
 
 
 def _place(item: np.ndarray, y: int, x: int) -> np.ndarray:
@@ -53,12 +52,28 @@ def _place(item: np.ndarray, y: int, x: int) -> np.ndarray:
 
 
 # ---- IDX ----------------------------------------------------------------------------------
-def test_mnist_idx_reader(root):
+def test_mnist_idx_reader():
+    root = real_root("mnist", "fashion_mnist")
     images, labels = load_mnist(root, "test", "mnist")
     assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
     assert np.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     raw = read_idx(root / "fashion_mnist" / "t10k-labels-idx1-ubyte.gz", 0x00000801)
     assert np.bincount(raw).tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize("kind", ["mnist", "fashion_mnist"])
+def test_subset_is_the_real_first_items_and_needs_counts_off(kind):
+    """tests/fixtures/data holds the first 192 / 64 items of the real IDX files; read with the
+    full sets' counts checked, it is refused with one line naming the option."""
+    real = real_root("mnist", "fashion_mnist")
+    for split, n in (("train", 192), ("test", 64)):
+        sub_images, sub_labels = load_mnist(SUBSET, split, kind, check_count=False)
+        images, labels = load_mnist(real, split, kind)
+        assert len(sub_images) == n
+        np.testing.assert_array_equal(sub_images, images[:n])
+        np.testing.assert_array_equal(sub_labels, labels[:n])
+    with pytest.raises(DataError, match="192 images, expected 60000 .for a subset set data.options.check_counts=false"):
+        load_mnist(SUBSET, "train", kind)
 
 
 def _copy_test_split(root: Path, dst: Path) -> Path:
@@ -77,38 +92,40 @@ def _assert_one_line_naming_files(err: pytest.ExceptionInfo, root: Path):
         assert f in msg
 
 
-def test_idx_truncated_gzip_raises_one_line(root, tmp_path):
+def test_idx_truncated_gzip_raises_one_line(root, full, tmp_path):
     img = _copy_test_split(root, tmp_path)
+    assert load_mnist(tmp_path, "test", check_count=full)[0].shape[1:] == (28, 28)  # intact: reads
     img.write_bytes(img.read_bytes()[: img.stat().st_size // 2])
     with pytest.raises(DataError) as err:
-        load_mnist(tmp_path, "test")
+        load_mnist(tmp_path, "test", check_count=full)
     _assert_one_line_naming_files(err, tmp_path)
     assert "t10k-images-idx3-ubyte.gz" in str(err.value)
 
 
-def test_idx_bad_magic_and_short_payload(root, tmp_path):
+def test_idx_bad_magic_and_short_payload(root, full, tmp_path):
     img = _copy_test_split(root, tmp_path)
     raw = gzip.decompress(img.read_bytes())
     img.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + raw[4:], compresslevel=1))  # 1-D magic on an image file
     with pytest.raises(DataError) as err:
-        load_mnist(tmp_path, "test")
+        load_mnist(tmp_path, "test", check_count=full)
     _assert_one_line_naming_files(err, tmp_path)
     assert "magic" in str(err.value)
     img.write_bytes(gzip.compress(raw[:-100], compresslevel=1))  # payload shorter than the header says
     with pytest.raises(DataError, match="payload"):
-        load_mnist(tmp_path, "test")
+        load_mnist(tmp_path, "test", check_count=full)
     with pytest.raises(DataError) as err:  # no files at all
         load_mnist(tmp_path / "nowhere", "train")
     _assert_one_line_naming_files(err, tmp_path / "nowhere")
 
 
 # ---- Multi-X ------------------------------------------------------------------------------
-def test_multi_mnist_full_counts_pairing_and_labels(root):
-    d = load_multi(root, "multi_mnist", "train", seed=0)
-    assert d.canvas.shape == (120_000, 36, 36) and d.canvas.dtype == np.uint8
-    assert d.labels.shape == (120_000, 2) and d.labels.dtype == np.int64
-    _, src_labels = load_mnist(root, "train")
-    n = 60_000
+def test_multi_mnist_counts_pairing_and_labels(root, full):
+    d = load_multi(root, "multi_mnist", "train", seed=0, check_count=full)
+    _, src_labels = load_mnist(root, "train", check_count=full)
+    n = len(src_labels)
+    assert n == (60_000 if full else 192)
+    assert d.canvas.shape == (2 * n, 36, 36) and d.canvas.dtype == np.uint8
+    assert d.labels.shape == (2 * n, 2) and d.labels.dtype == np.int64
     np.testing.assert_array_equal(d.src[0::2, 0], np.arange(n))  # item i top-left in composite 2i
     np.testing.assert_array_equal(d.src[1::2, 1], np.arange(n))  # and bottom-right in 2i+1
     np.testing.assert_array_equal(d.labels[:, 0], src_labels[d.src[:, 0]])
@@ -119,14 +136,14 @@ def test_multi_mnist_full_counts_pairing_and_labels(root):
 
 
 @pytest.mark.parametrize("variant", ["multi_mnist", "multi_fashion", "multi_fashion_mnist"])
-def test_multi_canvases_are_the_documented_max_merge(root, variant):
-    d = load_multi(root, variant, "test", seed=3)
-    assert len(d) == 20_000
+def test_multi_canvases_are_the_documented_max_merge(root, full, variant):
+    d = load_multi(root, variant, "test", seed=3, check_count=full)
     kinds = {"multi_mnist": ("mnist", "mnist"), "multi_fashion": ("fashion_mnist", "fashion_mnist"),
              "multi_fashion_mnist": ("mnist", "fashion_mnist")}[variant]
-    tl_img, tl_lab = load_mnist(root, "test", kinds[0])
-    br_img, br_lab = load_mnist(root, "test", kinds[1])
-    for k in (0, 1, 2, 3, 777, 19_999):
+    tl_img, tl_lab = load_mnist(root, "test", kinds[0], check_count=full)
+    br_img, br_lab = load_mnist(root, "test", kinds[1], check_count=full)
+    assert len(d) == 2 * len(tl_img) == (20_000 if full else 128)
+    for k in (0, 1, 2, 3, 77, len(d) - 1):
         (a, b), (y0, x0, y1, x1) = d.src[k], d.offsets[k]
         expected = np.maximum(_place(tl_img[a], y0, x0), _place(br_img[b], y1, x1))
         np.testing.assert_array_equal(d.canvas[k], expected)
@@ -144,11 +161,11 @@ def test_multi_canvases_are_the_documented_max_merge(root, variant):
     assert labels.dtype == torch.int64 and labels.shape == (10, 2)
 
 
-def test_multi_is_deterministic_and_seeded(root, mm_test):
-    again = load_multi(root, "multi_mnist", "test", seed=0)
+def test_multi_is_deterministic_and_seeded(root, full, mm_test):
+    again = load_multi(root, "multi_mnist", "test", seed=0, check_count=full)
     np.testing.assert_array_equal(again.canvas, mm_test.canvas)
     np.testing.assert_array_equal(again.labels, mm_test.labels)
-    other = load_multi(root, "multi_mnist", "test", seed=1)
+    other = load_multi(root, "multi_mnist", "test", seed=1, check_count=full)
     assert not np.array_equal(other.canvas, mm_test.canvas)
     assert not np.array_equal(other.src, mm_test.src)
 
@@ -163,11 +180,11 @@ def test_generate_multi_on_synthetic_items():
     assert np.all(d1.labels[:, 0] != d1.labels[:, 1])
 
 
-def test_cache_round_trip(root, mm_test, tmp_path):
-    a = load_multi(root, "multi_mnist", "test", seed=0, cache_dir=tmp_path)
+def test_cache_round_trip(root, full, mm_test, tmp_path):
+    a = load_multi(root, "multi_mnist", "test", seed=0, cache_dir=tmp_path, check_count=full)
     files = list(tmp_path.glob("multi_mnist_test_seed0_*.npz"))
     assert len(files) == 1
-    b = load_multi(root, "multi_mnist", "test", seed=0, cache_dir=tmp_path)
+    b = load_multi(root, "multi_mnist", "test", seed=0, cache_dir=tmp_path, check_count=full)
     for x in (a, b):
         np.testing.assert_array_equal(x.canvas, mm_test.canvas)
         np.testing.assert_array_equal(x.offsets, mm_test.offsets)
@@ -175,7 +192,7 @@ def test_cache_round_trip(root, mm_test, tmp_path):
 
 def test_dataset_and_split(mm_test):
     tr, va = train_val_split(len(mm_test), 0.1, seed=0, group=2)
-    assert len(va) == 2000 and len(tr) == 18_000
+    assert len(va) == round(0.1 * len(mm_test) / 2) * 2 and len(tr) == len(mm_test) - len(va)
     assert len(np.intersect1d(tr, va)) == 0 and len(np.union1d(tr, va)) == len(mm_test)
     assert np.all(va[0::2] % 2 == 0) and np.all(va[1::2] == va[0::2] + 1)  # pairs kept together
     tr2, va2 = train_val_split(len(mm_test), 0.1, seed=0, group=2)
