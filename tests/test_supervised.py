@@ -3,8 +3,8 @@ resume (exact, also mid-search after a signal), evaluation, Delta_m, and one-lin
 
 Multi-* and GLUE use the real data under MTRL_ARCH_DATA (default ../shared/data next to
 the repository), else the real-data subset in tests/fixtures/data; NYUv2, CityScapes and
-CelebA use tests/fixtures. Networks are shrunk (width, layers) so the whole file runs in a couple of
-minutes on two CPU cores.
+CelebA use tests/fixtures. Networks are shrunk (width, layers) so the whole file runs in a
+couple of minutes on two CPU cores.
 """
 from __future__ import annotations
 
