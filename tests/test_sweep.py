@@ -4,8 +4,8 @@ its run is reported while the others finish; without Ray, one line naming the in
 
 The Ray tests start one local Ray instance for the module (about 10 s) and run every trial
 as a real ``mtrl-arch train`` process on Multi-Fashion+MNIST (the real files under
-MTRL_ARCH_DATA, default ../shared/data, else the subset in tests/fixtures/data), so the file takes about a minute and a half
-on two busy CPU cores.
+MTRL_ARCH_DATA, default ../shared/data, else the subset in tests/fixtures/data), so the
+file takes about a minute and a half on two busy CPU cores.
 """
 from __future__ import annotations
 
