@@ -138,11 +138,6 @@ def cosines_from_gram(D: Tensor) -> Tensor:
     return _pairs(D / (n[:, None] * n[None, :]))
 
 
-def pair_cosines(G: Tensor) -> Tensor:
-    """Cosine similarity of every task pair (i < j) of the rows of ``G`` [k, n]."""
-    return cosines_from_gram(G @ G.T)
-
-
 def conflict_mask(groups: Sequence[ParamGroup], grads: Sequence[Tensor], variant: str = "layer",
                   grams: Sequence[Tensor | None] | None = None) -> Tensor:
     """Which groups the conflict-noticed operation withholds this step (bool [n_groups]).

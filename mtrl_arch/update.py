@@ -57,7 +57,7 @@ class GradientCombiner:
         self.stats.update(groups, grads, mask, grams)
         for o in observers:
             if getattr(o, "wants_task_grads", False):
-                o.observe_task_grads(groups, grads)
+                o.observe_task_grads(groups, grads, grams)
         if self.weighting.needs_task_grads:
             if mask is not None:  # withheld groups take no part in the combination
                 grads = [G * (~m) for G, m in zip(grads, mask)]

@@ -34,7 +34,8 @@ def is_subset(root: Path) -> bool:
 def data_overrides(*kinds: str) -> list[str]:
     """Config overrides that point a run at :func:`data_root`; the subset needs its counts accepted."""
     root = data_root(*kinds)
-    counts = ["data.options.check_counts=false"] if is_subset(root) and "glue" not in kinds else []
+    idx = is_subset(root) and any(k in ("mnist", "fashion_mnist") for k in kinds)  # only the IDX loader counts
+    counts = ["data.options.check_counts=false"] if idx else []
     return [f"data.root={root}", *counts]
 
 

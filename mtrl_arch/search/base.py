@@ -12,7 +12,8 @@ only call the methods below, so adding a method never touches a loop:
   architecture on held-out data).
 * ``arch_step(val_losses)`` -> one architecture update from per-task validation losses.
 * ``on_step(step)`` -> schedules (temperatures, curricula).
-* ``observe_task_grads(groups, grads)`` when ``wants_task_grads`` (Recon's statistics).
+* ``observe_task_grads(groups, grads, grams)`` when ``wants_task_grads`` (Recon's statistics;
+  ``grams``: per group the tasks' Gram matrix, already computed for the conflict statistics).
 * ``derive()`` -> the :class:`~mtrl_arch.tree.Tree` that is retrained from scratch.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -94,7 +95,7 @@ class ArchMethod:
     def regularizer(self) -> Tensor | None:
         return None
 
-    def observe_task_grads(self, groups, grads) -> None:
+    def observe_task_grads(self, groups, grads, grams) -> None:
         pass
 
     def derive(self) -> Tree:

@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..conflict import pair_cosines, task_rows
+from ..conflict import cosines_from_gram
 from ..tree import Tree
 from ..trunk import ParamGroup, Trunk
 from .base import ArchMethod, Phase
@@ -69,12 +69,13 @@ class Recon(ArchMethod):
     def phase(self, step: int) -> Phase:
         return Phase(weights=True, arch=False)
 
-    def observe_task_grads(self, groups: Sequence[ParamGroup], grads: Sequence[Tensor]) -> None:
+    def observe_task_grads(self, groups: Sequence[ParamGroup], grads: Sequence[Tensor],
+                           grams: Sequence[Tensor | None]) -> None:
         self.steps_seen += 1
-        for g, G in zip(groups, grads):
-            if len(g.tasks) < 2:
+        for g, D in zip(groups, grams):
+            if D is None:  # a group used by one task has no pairs
                 continue
-            cos = pair_cosines(task_rows(G, g.tasks))
+            cos = cosines_from_gram(D)
             th = torch.tensor(self.thresholds, device=cos.device, dtype=cos.dtype)
             below = (cos[None, :] < th[:, None]).sum(1)
             if g.name not in self.counts:
