@@ -88,11 +88,16 @@ def test_subgroup_modules_are_counted_as_subgroup() -> None:
 
 # ---- batched modules -------------------------------------------------------------------
 
+ACT = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda y: y}
+
+
+# relu and tanh run in place on the matmul's output; outputs of 8 or fewer use the narrow backward
+@pytest.mark.parametrize("act,out", [("tanh", HID), ("relu", HID), ("identity", 1), ("relu", 3)])
 @pytest.mark.parametrize("idx", [[0, 1, 2, 3], [2, 2, 2, 2], [3, 1, 0, 1], [0, 0, 1, 1]])
-def test_batched_linear_equals_separate_modules(idx) -> None:
+def test_batched_linear_equals_separate_modules(idx, act: str, out: int) -> None:
     torch.manual_seed(0)
-    bank = BatchedLinear(4, IN, HID, "tanh")
-    separate = [nn.Linear(IN, HID) for _ in range(4)]
+    bank = BatchedLinear(4, IN, out, act)
+    separate = [nn.Linear(IN, out) for _ in range(4)]
     with torch.no_grad():
         for m, lin in enumerate(separate):
             lin.weight.copy_(bank.weight[m].T)
@@ -100,7 +105,7 @@ def test_batched_linear_equals_separate_modules(idx) -> None:
     x = torch.randn(len(idx), 5, IN, requires_grad=True)
     y = bank(x, idx)
     x2 = x.detach().clone().requires_grad_(True)
-    y2 = torch.stack([torch.tanh(separate[m](x2[c])) for c, m in enumerate(idx)])
+    y2 = torch.stack([ACT[act](separate[m](x2[c])) for c, m in enumerate(idx)])
     torch.testing.assert_close(y, y2)
     g = torch.randn_like(y)
     y.backward(g)
@@ -112,6 +117,21 @@ def test_batched_linear_equals_separate_modules(idx) -> None:
             continue
         torch.testing.assert_close(bank.weight.grad[m], lin.weight.grad.T)
         torch.testing.assert_close(bank.bias.grad[m], lin.bias.grad)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_narrow_affine_backward_passes_gradcheck(n: int) -> None:
+    """The heads' hand-written backward against finite differences, also for a broadcast
+    (expanded) weight as the per-task capture path hands it in."""
+    from mtrl_arch.trunk import _NarrowBatchedAffine
+
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(3, 1, n, dtype=torch.float64, generator=g, requires_grad=True)
+    x = torch.randn(3, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 6, n, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(_NarrowBatchedAffine.apply, (b, x, w))
+    w1 = torch.randn(6, n, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda b, x, w1: _NarrowBatchedAffine.apply(b, x, w1.expand(3, 6, n)), (b, x, w1))
 
 
 def test_stl_trunk_equals_t_separate_mlps() -> None:
