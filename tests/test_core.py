@@ -91,7 +91,7 @@ def test_subgroup_modules_are_counted_as_subgroup() -> None:
 ACT = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda y: y}
 
 
-# relu and tanh run in place on the matmul's output; outputs of 8 or fewer use the narrow backward
+# relu and tanh run in place on the matmul's output; a single output is a multiply and a sum
 @pytest.mark.parametrize("act,out", [("tanh", HID), ("relu", HID), ("identity", 1), ("relu", 3)])
 @pytest.mark.parametrize("idx", [[0, 1, 2, 3], [2, 2, 2, 2], [3, 1, 0, 1], [0, 0, 1, 1]])
 def test_batched_linear_equals_separate_modules(idx, act: str, out: int) -> None:
@@ -117,21 +117,6 @@ def test_batched_linear_equals_separate_modules(idx, act: str, out: int) -> None
             continue
         torch.testing.assert_close(bank.weight.grad[m], lin.weight.grad.T)
         torch.testing.assert_close(bank.bias.grad[m], lin.bias.grad)
-
-
-@pytest.mark.parametrize("n", [1, 5])
-def test_narrow_affine_backward_passes_gradcheck(n: int) -> None:
-    """The heads' hand-written backward against finite differences, also for a broadcast
-    (expanded) weight as the per-task capture path hands it in."""
-    from mtrl_arch.trunk import _NarrowBatchedAffine
-
-    g = torch.Generator().manual_seed(0)
-    b = torch.randn(3, 1, n, dtype=torch.float64, generator=g, requires_grad=True)
-    x = torch.randn(3, 4, 6, dtype=torch.float64, generator=g, requires_grad=True)
-    w = torch.randn(3, 6, n, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(_NarrowBatchedAffine.apply, (b, x, w))
-    w1 = torch.randn(6, n, dtype=torch.float64, generator=g, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda b, x, w1: _NarrowBatchedAffine.apply(b, x, w1.expand(3, 6, n)), (b, x, w1))
 
 
 def test_stl_trunk_equals_t_separate_mlps() -> None:
