@@ -240,7 +240,10 @@ class MTSAC:
         self.actor_combiner, self.critic_combiner = self._combiner(), self._combiner()
         self._eager = {"target": self._td_target, "critic": self._critic_losses, "actor": self._actor_losses}
         # compiled once per network build; used on steps where nothing needs per-task gradients
-        self._compiled = {k: torch.compile(f, dynamic=False) for k, f in self._eager.items()} if a.compile else None
+        mode = None if a.compile_mode == "default" else a.compile_mode
+        self._compiled = {k: torch.compile(f, dynamic=False, mode=mode) for k, f in self._eager.items()} if a.compile else None
+        # CUDA graphs (torch's cudagraph trees) reuse their output memory at the next replay
+        self._cuda_graphs = bool(a.compile and self.device.type == "cuda" and a.compile_mode in ("reduce-overhead", "max-autotune"))
         self._autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if a.amp else None
 
     def finish_search(self) -> dict[str, Tree]:
@@ -272,6 +275,8 @@ class MTSAC:
         """One SAC update from a task-balanced batch; returns per-task statistics (on device, no sync)."""
         cfg, a = self.cfg, self.cfg.agent
         split = "train" if self.searching else "all"
+        if self._cuda_graphs:  # a new step: the graphs may overwrite the previous step's outputs from here
+            torch.compiler.cudagraph_mark_step_begin()
         b = self.replay.sample(self.batch, split, self.sample_gen)
         step = self.n_updates
         alpha = self.log_alpha.detach().exp()
@@ -301,6 +306,8 @@ class MTSAC:
         if self.searching:
             self._arch_steps(step, alpha)
         self.n_updates += 1
+        if self._cuda_graphs:  # the loop logs these after later steps have run
+            critic_losses, actor_losses = critic_losses.clone(), actor_losses.clone()
         return {"critic_loss": critic_losses, "actor_loss": actor_losses, "alpha": alpha, "entropy": -stats["logp"]}
 
     def _fn(self, name: str, step: int, combiner: GradientCombiner):

@@ -89,6 +89,7 @@ class SacUpdateOptions:
     branch: int = -1                 # the CoNAL tree's branch point (-1: stages // 2)
     search: bool = True              # also one CoNAL search step (weights + alphas), with and without CN
     compile: bool = False            # also our update with agent.compile=true (compile time left out)
+    compile_mode: str = "default"    # its agent.compile_mode (reduce-overhead: CUDA graphs on a GPU)
     amp: bool = False                # also our update with agent.amp=true (bf16 autocast)
     iters: int = 5                   # updates per timed call
     reps: int = 7
@@ -155,7 +156,7 @@ def bench_sac_update(o: SacUpdateOptions) -> dict[str, Any]:
         agents["conal_search"] = _mtsac(o, "conal", "arch.search_steps=1000000000")
         agents["conal_search_cn"] = _mtsac(o, "conal", "arch.search_steps=1000000000", "arch.conflict_noticed=true")
     if o.compile:
-        agents["ours_compiled"] = _mtsac(o, "hps", "agent.compile=true")
+        agents["ours_compiled"] = _mtsac(o, "hps", "agent.compile=true", f"agent.compile_mode={o.compile_mode}")
     if o.amp:
         agents["ours_amp"] = _mtsac(o, "hps", "agent.amp=true")
     sb3 = _sb3_sac(o)

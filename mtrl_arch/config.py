@@ -113,6 +113,8 @@ class AgentConfig:
     log_std_min: float = -20.0
     log_std_max: float = 2.0
     compile: bool = False             # torch.compile the SAC losses (fixed architectures, no per-task gradients)
+    # torch.compile's mode; reduce-overhead adds CUDA graphs on GPUs (CPUs run it as default)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     amp: bool = False                 # bf16 autocast in the SAC networks (GPUs; slower on CPUs without bf16 units)
 
 
