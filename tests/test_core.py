@@ -157,6 +157,36 @@ def test_ensemble_bank_equals_separate_members() -> None:
         torch.testing.assert_close(y[e], single[e](x))
 
 
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_conal_search_net_is_the_closed_form_mixture(shared_input: bool) -> None:
+    """z_t = sum_{b<L} a_t^b P_t^{b..L-1}(x_b) + a_t^L x_L, a_t = softmax(alpha_t), then task t's
+    head; x_b: the input after b shared stages, P_t: task t's private stages from b on."""
+    torch.manual_seed(0)
+    net = make_method("conal", spec()).build()
+    randomise(net)
+    with torch.no_grad():
+        net.alpha.copy_(torch.randn_like(net.alpha))
+    x = torch.randn(5, IN) if shared_input else torch.randn(len(TASKS), 5, IN)
+    y = net(x, shared_input=shared_input)
+    L = net.n_stages
+
+    def layer(bank, m, h):
+        return torch.relu(h @ bank.weight[m] + bank.bias[m])
+
+    for t in range(len(TASKS)):
+        trunk = [x if shared_input else x[t]]
+        for s in range(L):
+            trunk.append(layer(net.shared[s], 0, trunk[-1]))
+        a = net.alpha[t].softmax(-1)
+        z = a[L] * trunk[L]
+        for b in range(L):
+            h = trunk[b]
+            for s in range(b, L):
+                h = layer(net.private[s], t, h)
+            z = z + a[b] * h
+        torch.testing.assert_close(y[t], z @ net.heads.weight[t] + net.heads.bias[t])
+
+
 def test_conal_search_net_with_ensembles_keeps_members_apart() -> None:
     """Regression: CoNAL's branches must not mix ensemble members (SAC's twin critics)."""
     torch.manual_seed(0)
