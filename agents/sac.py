@@ -240,8 +240,8 @@ class MTSAC:
         self.actor_combiner, self.critic_combiner = self._combiner(), self._combiner()
         self._eager = {"target": self._td_target, "critic": self._critic_losses, "actor": self._actor_losses}
         # compiled once per network build; used on steps where nothing needs per-task gradients
-        mode = None if a.compile_mode == "default" else a.compile_mode
-        self._compiled = {k: torch.compile(f, dynamic=False, mode=mode) for k, f in self._eager.items()} if a.compile else None
+        self._compiled = ({k: torch.compile(f, dynamic=False, mode=a.compile_mode) for k, f in self._eager.items()}
+                          if a.compile else None)
         # CUDA graphs (torch's cudagraph trees) reuse their output memory at the next replay
         self._cuda_graphs = bool(a.compile and self.device.type == "cuda" and a.compile_mode in ("reduce-overhead", "max-autotune"))
         self._autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if a.amp else None
