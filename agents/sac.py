@@ -55,12 +55,12 @@ from .replay import TaskBalancedReplay
 N_CRITICS = 2
 
 
-def make_adam(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def make_adam(params: list[nn.Parameter], lr: float, eps: float = 1e-8) -> torch.optim.Optimizer:
     """Adam, fused where the build supports it (fastest on the CPUs and GPUs measured)."""
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.Adam(params, lr=lr, foreach=True)
+        return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
 _FREED_MEMORY_KEPT: bool | None = None
@@ -91,18 +91,19 @@ def keep_freed_memory() -> bool:
     return _FREED_MEMORY_KEPT
 
 
-def actor_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "relu") -> TrunkSpec:
-    return TrunkSpec(tuple(tasks), mlp_stages(obs_dim, hidden, activation), linear_stage(hidden[-1], 2 * action_dim, "identity"),
+def actor_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "relu", init: str = "torch") -> TrunkSpec:
+    return TrunkSpec(tuple(tasks), mlp_stages(obs_dim, hidden, activation, init),
+                     linear_stage(hidden[-1], 2 * action_dim, "identity", init),
                      residual=tuple(i > 0 and hidden[i] == hidden[i - 1] for i in range(len(hidden))), name="actor")
 
 
-def critic_member_stages(obs_dim: int, action_dim: int, hidden, activation: str = "relu"):
+def critic_member_stages(obs_dim: int, action_dim: int, hidden, activation: str = "relu", init: str = "torch"):
     """One critic's stage factories and head factory (the ensemble is added by the caller)."""
-    return mlp_stages(obs_dim + action_dim, hidden, activation), linear_stage(hidden[-1], 1, "identity")
+    return mlp_stages(obs_dim + action_dim, hidden, activation, init), linear_stage(hidden[-1], 1, "identity", init)
 
 
-def critic_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "relu") -> TrunkSpec:
-    stages, head = critic_member_stages(obs_dim, action_dim, hidden, activation)
+def critic_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "relu", init: str = "torch") -> TrunkSpec:
+    stages, head = critic_member_stages(obs_dim, action_dim, hidden, activation, init)
     return TrunkSpec(tuple(tasks), [ensemble_stage(f, N_CRITICS) for f in stages], ensemble_stage(head, N_CRITICS),
                      residual=tuple(i > 0 and hidden[i] == hidden[i - 1] for i in range(len(hidden))), name="critic")
 
@@ -176,14 +177,15 @@ class MTSAC:
             keep_freed_memory()
         torch.manual_seed(config.seed)
         critic_hidden = list(a.critic_hidden or config.model.hidden)
-        self.actor_method = make_method(config.arch.method, actor_spec(tasks, obs_dim, action_dim, config.model.hidden,
-                                                                       config.model.activation), config.arch.options, config.seed)
-        self.critic_method = make_method(config.arch.method, critic_spec(tasks, obs_dim, action_dim, critic_hidden,
-                                                                         config.model.activation), config.arch.options, config.seed)
+        m = config.model
+        self.actor_method = make_method(config.arch.method, actor_spec(tasks, obs_dim, action_dim, m.hidden, m.activation, m.init),
+                                        config.arch.options, config.seed)
+        self.critic_method = make_method(config.arch.method, critic_spec(tasks, obs_dim, action_dim, critic_hidden, m.activation,
+                                                                         m.init), config.arch.options, config.seed)
         self.searching = self.actor_method.searches and config.arch.search_steps > 0
         self.target_entropy = a.target_entropy or -float(action_dim)
         self.log_alpha = torch.full((T,), math.log(a.init_alpha), device=self.device, requires_grad=True)
-        self.alpha_opt = make_adam([self.log_alpha], a.alpha_lr)
+        self.alpha_opt = make_adam([self.log_alpha], a.alpha_lr, a.adam_eps)
         self.replay = TaskBalancedReplay(T, max(1, a.buffer_size // T), obs_dim, action_dim, self.device,
                                          config.arch.val_fraction if self.searching else 0.0)
         self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
@@ -215,7 +217,8 @@ class MTSAC:
             self.trees = trees or {"actor": self.actor_method.derive(), "critic": self.critic_method.derive()}
             actor_net = Trunk(self.trees["actor"], self.actor_method.spec.stages, self.actor_method.spec.heads)
             critic_hidden = list(a.critic_hidden or self.cfg.model.hidden)
-            stages, head = critic_member_stages(self.obs_dim, self.action_dim, critic_hidden, self.cfg.model.activation)
+            stages, head = critic_member_stages(self.obs_dim, self.action_dim, critic_hidden, self.cfg.model.activation,
+                                                self.cfg.model.init)
             critic_net = EnsembleTrunk(self.trees["critic"], stages, head, N_CRITICS)
         self.actor = Actor(actor_net, a.log_std_min, a.log_std_max).to(self.device)
         self.critic = Critic(critic_net).to(self.device)
@@ -226,8 +229,8 @@ class MTSAC:
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self._actor_params = weight_parameters(self.actor.net)
         self._critic_params = weight_parameters(self.critic.net)
-        self.actor_opt = make_adam(self._actor_params, a.lr)
-        self.critic_opt = make_adam(self._critic_params, a.lr)
+        self.actor_opt = make_adam(self._actor_params, a.lr, a.adam_eps)
+        self.critic_opt = make_adam(self._critic_params, a.lr, a.adam_eps)
         for opt in (self.actor_opt, self.critic_opt):  # the combiner averages these gradients before clipping
             setattr(opt, distributed.SYNCED, True)
         if search:
@@ -297,7 +300,8 @@ class MTSAC:
         actor_losses = weight_step(self.actor.net, b, actor_losses_fn, self.actor_combiner, self.actor_opt, step,
                                    a.grad_clip, self.actor_method if self.searching else None,
                                    autocast=self._autocast, inputs=self._actor_params)
-        alpha_loss = -(self.log_alpha * (stats["logp"] + self.target_entropy)).sum()
+        # the mean over every sample of the batch, as in the reference (tasks hold equal shares)
+        alpha_loss = -(self.log_alpha * (stats["logp"] + self.target_entropy)).mean()
         self.alpha_opt.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.alpha_opt.step()
@@ -324,7 +328,7 @@ class MTSAC:
 
     def _critic_losses(self, b: dict[str, Tensor], target: Tensor) -> Tensor:
         q = self.critic.q(b["obs_action"])  # [2, T, B]
-        return ((q - target) ** 2).mean(-1).sum(0)  # per task: qf1_loss + qf2_loss
+        return 0.5 * ((q - target) ** 2).mean(-1).sum(0)  # per task: (qf1_loss + qf2_loss) / 2, as SB3 and the reference
 
     def _actor_losses(self, b: dict[str, Tensor], alpha: Tensor) -> tuple[Tensor, Tensor]:
         """Per-task actor losses and the per-task mean log-probability (detached, for alpha)."""

@@ -45,6 +45,7 @@ class WeightingConfig:
 class ModelConfig:
     hidden: list = field(default_factory=lambda: [400, 400, 400])  # trunk widths (MLP trunks)
     activation: str = "relu"
+    init: Literal["torch", "he_uniform"] = "torch"  # MLP trunks: nn.Linear's uniform, or He-uniform weights and zero biases
     backbone: str = "mlp"             # supervised: lenet | resnet18 | transformer | segnet ...
     options: dict = field(default_factory=dict)
 
@@ -53,7 +54,7 @@ class ModelConfig:
 class TrainConfig:
     # RL
     total_env_steps: int = 20_000_000  # environment steps summed over all tasks (MT10: 2M per task)
-    warmup_steps: int = 2_500         # vector steps of uniform random actions before learning
+    warmup_steps: int = 4_000         # vector steps of uniform random actions before learning
     updates_per_step: float = 1.0     # gradient steps per vector env step
     # supervised
     epochs: int = 1
@@ -109,6 +110,7 @@ class AgentConfig:
     init_alpha: float = 1.0
     target_entropy: float = 0.0       # 0: -|A|
     grad_clip: float = 1.0
+    adam_eps: float = 1e-5            # Adam's epsilon for the actor, critic and entropy coefficients (the reference's)
     critic_hidden: list = field(default_factory=list)  # empty: model.hidden
     log_std_min: float = -20.0
     log_std_max: float = 2.0
@@ -367,6 +369,7 @@ def validate(cfg: Config) -> None:
         "train.lr": cfg.train.lr, "agent.lr": cfg.agent.lr, "agent.alpha_lr": cfg.agent.alpha_lr,
         "train.batch_size": cfg.train.batch_size, "agent.batch_per_task": cfg.agent.batch_per_task,
         "agent.buffer_size": cfg.agent.buffer_size, "agent.init_alpha": cfg.agent.init_alpha,
+        "agent.adam_eps": cfg.agent.adam_eps,
     }
     for k, v in positive.items():
         if not v > 0:

@@ -110,23 +110,38 @@ def batched_affine(b: Tensor, x: Tensor, w: Tensor) -> Tensor:
     return torch.baddbmm(b, x, w)
 
 
+INITS = ("torch", "he_uniform")
+
+
 class BatchedLinear(CaptureMixin, nn.Module):
     """``n_modules`` linear layers (+ activation) stored as ``[M, in, out]``.
 
-    Initialised like ``nn.Linear`` (uniform in +-1/sqrt(in)) module by module.
+    ``init="torch"``: like ``nn.Linear``, weights and biases uniform in +-1/sqrt(in).
+    ``init="he_uniform"``: weights uniform in +-sqrt(6/in) (He et al. 2015, fan-in, JAX's
+    ``he_uniform``), biases zero; the MT-SAC reference (metaworld-algorithms) initialises
+    every layer, heads included, this way. Either bound depends on the fan-in only, so one
+    draw over the bank equals a draw per module.
     """
 
-    def __init__(self, n_modules: int, in_features: int, out_features: int, activation: str = "relu"):
+    def __init__(self, n_modules: int, in_features: int, out_features: int, activation: str = "relu",
+                 init: str = "torch"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}; choose from {list(INITS)}")
         self.n_modules, self.in_features, self.out_features = n_modules, in_features, out_features
-        self.activation = activation
+        self.activation, self.init = activation, init
         self.weight = nn.Parameter(torch.empty(n_modules, in_features, out_features))
         self.bias = nn.Parameter(torch.empty(n_modules, out_features))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if self.init == "he_uniform":
+            bound = math.sqrt(6.0 / self.in_features)
+            nn.init.uniform_(self.weight, -bound, bound)
+            nn.init.zeros_(self.bias)
+            return
         bound = 1.0 / math.sqrt(self.in_features)
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
@@ -153,14 +168,14 @@ class BatchedLinear(CaptureMixin, nn.Module):
         return f"n_modules={self.n_modules}, {self.in_features}->{self.out_features}, {self.activation}"
 
 
-def linear_stage(in_features: int, out_features: int, activation: str = "relu") -> StageFactory:
-    return lambda n: BatchedLinear(n, in_features, out_features, activation)
+def linear_stage(in_features: int, out_features: int, activation: str = "relu", init: str = "torch") -> StageFactory:
+    return lambda n: BatchedLinear(n, in_features, out_features, activation, init)
 
 
-def mlp_stages(in_features: int, hidden: Sequence[int], activation: str = "relu") -> list[StageFactory]:
+def mlp_stages(in_features: int, hidden: Sequence[int], activation: str = "relu", init: str = "torch") -> list[StageFactory]:
     """One linear+activation stage per hidden width."""
     dims = [in_features, *hidden]
-    return [linear_stage(dims[i], dims[i + 1], activation) for i in range(len(hidden))]
+    return [linear_stage(dims[i], dims[i + 1], activation, init) for i in range(len(hidden))]
 
 
 class VmapBank(CaptureMixin, nn.Module):

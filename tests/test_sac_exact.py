@@ -155,9 +155,9 @@ class Reference:
         self.log_alpha = torch.full((T,), math.log(a.init_alpha), requires_grad=True)
         flat = lambda net: [p for part in net for wb in part for p in wb]  # noqa: E731
         self.actor_params, self.q_params = flat(self.actor), flat(self.qf1) + flat(self.qf2)
-        self.actor_optimizer = torch.optim.Adam(self.actor_params, lr=a.lr, foreach=False)
-        self.q_optimizer = torch.optim.Adam(self.q_params, lr=a.lr, foreach=False)
-        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=a.alpha_lr, foreach=False)
+        self.actor_optimizer = torch.optim.Adam(self.actor_params, lr=a.lr, eps=a.adam_eps, foreach=False)
+        self.q_optimizer = torch.optim.Adam(self.q_params, lr=a.lr, eps=a.adam_eps, foreach=False)
+        self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=a.alpha_lr, eps=a.adam_eps, foreach=False)
 
     @staticmethod
     def mlp(net, x: torch.Tensor) -> torch.Tensor:
@@ -190,8 +190,9 @@ class Reference:
             next_q_value = rewards + (1 - dones) * self.gamma * min_qf_next_target
         qf1_a_values = self.q(self.qf1, obs, actions)
         qf2_a_values = self.q(self.qf2, obs, actions)
-        qf_loss = sum(F.mse_loss(qf1_a_values[t], next_q_value[t]) + F.mse_loss(qf2_a_values[t], next_q_value[t])
-                      for t in range(T)) / T
+        # the reference's 0.5 * sum over critics of the batch mean (tasks hold equal shares of the batch)
+        qf_loss = 0.5 * sum(F.mse_loss(qf1_a_values[t], next_q_value[t]) + F.mse_loss(qf2_a_values[t], next_q_value[t])
+                            for t in range(T)) / T
         self.q_optimizer.zero_grad()
         qf_loss.backward()
         torch.nn.utils.clip_grad_norm_(self.q_params, self.clip)
@@ -205,7 +206,7 @@ class Reference:
         torch.nn.utils.clip_grad_norm_(self.actor_params, self.clip)
         self.actor_optimizer.step()
 
-        alpha_loss = sum(-self.log_alpha[t] * (log_pi[t].detach().mean() + self.target_entropy) for t in range(T))
+        alpha_loss = sum(-self.log_alpha[t] * (log_pi[t].detach().mean() + self.target_entropy) for t in range(T)) / T
         self.a_optimizer.zero_grad()
         alpha_loss.backward()
         self.a_optimizer.step()
