@@ -129,7 +129,8 @@ def _bench(args) -> int:
 def _report(args) -> int:
     from .report import make_report
 
-    out = make_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None)
+    out = make_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None,
+                      Path(args.reference) if args.reference else None)
     print(f"report written to {out}")
     return 0
 
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="figures and a summary table for one or more runs")
     r.add_argument("run_dirs", nargs="+")
     r.add_argument("--out", help="output folder (default: the first run's report/)")
+    r.add_argument("--reference", metavar="FILE",
+                   help="YAML/JSON of published points (metric, series: [{label, points: [[step, value], ...]}]) "
+                        "drawn on the mean panel and tabled against the runs")
     r.set_defaults(fn=_report)
     return p
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,30 @@ import yaml
 
 class ConfigError(ValueError):
     """A user error in a config file or override; the message is one line."""
+
+
+class YamlLoader(yaml.SafeLoader):
+    """YAML with every float literal Python accepts.
+
+    YAML 1.1 (PyYAML) reads ``3e-4``, ``1e20`` and ``1.0e20`` as strings (it wants a dot and
+    a signed exponent); every RL user types ``agent.lr=3e-4``, so those are floats here.
+    """
+
+
+YamlLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                  |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load`` with :class:`YamlLoader`'s floats: the one YAML reader of configs and overrides."""
+    return yaml.load(text, Loader=YamlLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass
@@ -260,7 +285,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
 def parse_value(text: str) -> Any:
     """An override's value: YAML scalars and lists (``[a,b]``); bare words stay strings."""
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return load_yaml_text(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
 
@@ -296,7 +321,7 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml_text(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

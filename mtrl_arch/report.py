@@ -11,7 +11,10 @@ metrics.jsonl, arch.json) and writes into ``out``:
 * ``tree-<run>.png`` per run with an arch.json: each network's learned tree, as modules
   per stage (columns) joined along every task's path, tasks at the leaves;
 * ``summary.md`` (and ``summary.json``): one row per group (final mean metric +- std over
-  seeds, per-task finals, parameters) and one row per run.
+  seeds, per-task finals, parameters) and one row per run;
+* with ``reference=`` (a YAML or JSON file of published points, see :func:`load_reference`):
+  the points drawn on the mean panel of their metric, and a table of each group's mean at
+  the points' steps against them.
 
 Matplotlib runs on the Agg backend (no display needed) and is imported only here.
 """
@@ -25,7 +28,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, load_yaml_text
 from .logger import read_metrics
 from .run import read_arch, read_run_config
 from .tree import Tree
@@ -144,6 +147,12 @@ def _series(runs: list[RunData], metric: str, task: str) -> tuple[list[float], l
     return steps, mean, std
 
 
+def _run_mean(run: RunData, metric: str) -> dict[float, float]:
+    """One run's mean over tasks: step -> value."""
+    steps, mean, _ = _series([run], metric, _MEAN)
+    return dict(zip(steps, mean))
+
+
 def _task_mean(c: dict[str, list[tuple[float, float]]]) -> list[tuple[float, float]]:
     by_step: dict[float, list[float]] = {}
     for task, pts in c.items():
@@ -162,7 +171,37 @@ def _tasks(runs: list[RunData], metric: str) -> list[str]:
     return list(seen)
 
 
-def plot_metric(groups: list[tuple[str, list[RunData]]], metric: str, path: Path) -> Path | None:
+def load_reference(path: Path) -> dict[str, Any]:
+    """Published points to compare against, e.g.::
+
+        metric: success_rate          # eval/<metric>, the mean over tasks
+        source: where the numbers come from
+        series:
+          - label: MT-SAC 3x256 (reference)
+            points: [[400000, 0.17], [1000000, 0.30]]   # [env steps, value]
+
+    Raises :class:`ConfigError` with one line when the file is missing or malformed.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        d = load_yaml_text(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"reference file {path}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
+    ok = (isinstance(d, dict) and isinstance(d.get("metric"), str) and isinstance(d.get("series"), list)
+          and all(isinstance(x, dict) and isinstance(x.get("label"), str) and isinstance(x.get("points"), list)
+                  and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(map(_is_number, p)) for p in x["points"])
+                  for x in d["series"]))
+    if not ok:
+        raise ConfigError(f"reference file {path}: expected 'metric: NAME' and 'series: [{{label: TEXT, points: "
+                          f"[[step, value], ...]}}, ...]'")
+    return {"metric": d["metric"], "source": str(d.get("source", "")),
+            "series": [{"label": x["label"], "points": [(float(a), float(b)) for a, b in x["points"]]} for x in d["series"]]}
+
+
+def plot_metric(groups: list[tuple[str, list[RunData]]], metric: str, path: Path,
+                reference: dict[str, Any] | None = None) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -189,6 +228,13 @@ def plot_metric(groups: list[tuple[str, list[RunData]]], metric: str, path: Path
             if len(members) > 1:
                 ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                 color=c, alpha=0.2, lw=0)
+        if task == _MEAN and reference is not None and reference["metric"] == metric:
+            last = max((s for _, g in groups for r in g for s in _run_mean(r, metric)), default=0.0)
+            for j, ser in enumerate(reference["series"]):
+                pts = [(s, v) for s, v in ser["points"] if s <= 1.05 * last]  # only where the runs reach
+                if pts:
+                    ax.plot(*zip(*pts), ls="none", marker="*", ms=9, color=colors[(len(groups) + j) % len(colors)],
+                            label=ser["label"])
         ax.set_title("mean over tasks" if task == _MEAN else task, fontsize=9,
                      fontweight="bold" if task == _MEAN else "normal")
         ax.tick_params(labelsize=7)
@@ -364,10 +410,36 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def make_report(run_dirs: list[Path], out: Path | None = None) -> Path:
+def reference_table(groups: list[tuple[str, list[RunData]]], reference: dict[str, Any]) -> tuple[str, list[dict]]:
+    """Each group's mean (and per-seed values) at the reference's steps, against the reference."""
+    metric, rows = reference["metric"], []
+    lines = [f"## Against the reference (`eval/{metric}/mean`)", ""]
+    if reference["source"]:
+        lines += [f"Reference: {reference['source']}", ""]
+    lines += ["| setting | env steps | seeds | per seed | mean ± std | reference | ours - reference |", "|---|---|---|---|---|---|---|"]
+    for label, members in groups:
+        per_run = [_run_mean(r, metric) for r in members]
+        for ser in reference["series"]:
+            for step, ref in ser["points"]:
+                vals = [p[step] for p in per_run if step in p]
+                if not vals:
+                    continue
+                m = sum(vals) / len(vals)
+                cells = ", ".join(f"{v:.3f}" for v in vals)
+                lines.append(f"| {label} | {int(step):,} | {len(vals)} | {cells} | {_mean_std(vals)} | "
+                             f"{ref:.2f} ({ser['label']}) | {m - ref:+.3f} |")
+                rows.append({"setting": label, "step": step, "values": vals, "mean": m, "reference": ref,
+                             "reference_label": ser["label"], "difference": m - ref})
+    if not rows:
+        lines.append("| (no run has an evaluation at a reference step) | | | | | | |")
+    return "\n".join(lines) + "\n", rows
+
+
+def make_report(run_dirs: list[Path], out: Path | None = None, reference: Path | None = None) -> Path:
     """Figures (PNG) and summary.md for the runs in ``run_dirs``; returns the report folder."""
     if not run_dirs:
         raise ConfigError("give at least one run directory")
+    ref = load_reference(reference) if reference is not None else None
     runs = [load_run(Path(p)) for p in run_dirs]
     out = Path(out) if out is not None else runs[0].path / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -377,7 +449,7 @@ def make_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     if runs[0].cfg.domain == "rl":  # success first (the benchmark's measure), return shows progress before success
         metrics = [m for m in ("success_rate", "return") if m in metrics] or metrics
     for m in metrics:
-        p = plot_metric(groups, m, out / f"{_safe(m)}.png")
+        p = plot_metric(groups, m, out / f"{_safe(m)}.png", ref)
         if p is not None:
             figures.append(p)
     for r in runs:
@@ -385,6 +457,9 @@ def make_report(run_dirs: list[Path], out: Path | None = None) -> Path:
         if p is not None:
             figures.append(p)
     text, data = summary(groups)
+    if ref is not None:
+        table, data["reference"] = reference_table(groups, ref)
+        text += "\n" + table
     text += "\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + "\n"
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(data, indent=1, default=str))

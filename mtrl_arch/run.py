@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, config_from_dict, to_yaml
+from .config import Config, ConfigError, config_from_dict, load_yaml_text, to_yaml
 from .tree import Tree
 
 RUN_FORMAT_VERSION = 1
@@ -91,7 +91,7 @@ def read_run_config(run_dir: Path) -> tuple[Config, dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); give a directory made by `mtrl-arch train`")
     try:
-        d = yaml.safe_load(path.read_text())
+        d = load_yaml_text(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is damaged (not valid YAML: {str(e).splitlines()[0][:120]}); "
                           "a run directory holds the config.yaml that `mtrl-arch train` wrote") from None

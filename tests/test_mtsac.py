@@ -1,6 +1,8 @@
 """Multi-task SAC: one update, per-task alpha, task-balanced replay, save/load, every method in RL."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,37 @@ def test_every_method_searches_derives_and_retrains_in_rl(method: str, options: 
         counts = agent.param_counts()[name]
         assert counts["total"] == sum(p.numel() for p in getattr(agent, name).net.parameters())
     agent.train_step()
+
+
+def test_mt10_hps_is_the_reference_setting() -> None:
+    """metaworld-algorithms' multi-head MT-SAC (examples/multi_task/mtmhsac_mt10.py), setting by setting."""
+    c = load_config("mt10_hps", [])
+    a, t, e = c.agent, c.train, c.eval
+    assert (c.arch.method, c.weighting.method, c.model.hidden, c.model.init) == ("hps", "ew", [400, 400, 400], "he_uniform")
+    assert (a.batch_per_task, a.lr, a.alpha_lr, a.adam_eps, a.grad_clip) == (128, 3e-4, 3e-4, 1e-5, 1.0)
+    assert (a.gamma, a.tau, a.init_alpha, a.target_entropy, a.buffer_size) == (0.99, 0.005, 1.0, 0.0, 1_000_000)
+    assert (t.warmup_steps, t.updates_per_step, t.total_env_steps) == (4000, 1.0, 20_000_000)
+    assert (e.every_env_steps, e.episodes_per_task, e.final_episodes_per_task) == (200_000, 50, 0)
+    assert (c.env.reward_version, c.env.max_episode_steps) == ("v2", 0)  # 0: metaworld's 500
+
+
+@pytest.mark.parametrize("init", ["he_uniform", "torch"])
+def test_initialisation_and_adam_eps_are_what_the_config_says(init: str) -> None:
+    torch.manual_seed(0)
+    agent = MTSAC(TASKS, OBS, ACT, make_cfg("model.hidden=[256,256]", f"model.init={init}", "agent.adam_eps=1e-5"))
+    banks = [(n, m) for net in (agent.actor.net, agent.critic.net) for n, m in net.named_modules()
+             if hasattr(m, "in_features") and hasattr(m, "bias")]
+    assert len(banks) == 6  # actor and critic: two hidden stages and the heads each
+    for name, m in banks:
+        w, b = m.weight.detach(), m.bias.detach()
+        bound = math.sqrt(6.0 / m.in_features) if init == "he_uniform" else 1.0 / math.sqrt(m.in_features)
+        assert w.abs().max() <= bound and w.abs().max() > 0.95 * bound, name
+        # uniform on [-bound, bound]: std bound / sqrt(3), within 5% for these sizes
+        assert abs(w.std().item() / (bound / math.sqrt(3)) - 1) < 0.05, name
+        if init == "he_uniform":
+            assert torch.count_nonzero(b) == 0, name
+        else:
+            assert b.abs().max() <= bound and torch.count_nonzero(b) == b.numel(), name
+    for opt in (agent.actor_opt, agent.critic_opt, agent.alpha_opt):
+        assert [g["eps"] for g in opt.param_groups] == [1e-5]
+        assert [g["lr"] for g in opt.param_groups] == [3e-4]

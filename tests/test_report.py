@@ -105,3 +105,30 @@ def test_not_a_run_directory(tmp_path, capsys):
     assert main(["report", str(tmp_path / "half")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "no config.yaml" in err
+
+
+def test_reference_points_are_tabled_and_drawn(rl_runs, tmp_path):
+    ref = tmp_path / "ref.yaml"
+    ref.write_text("metric: success_rate\nsource: a test\nseries:\n"
+                   "  - label: published\n    points: [[2000, 0.5], [3000, 0.2], [90000000, 0.9]]\n")
+    out = make_report(rl_runs, tmp_path / "rep", reference=ref)
+    data = json.loads((out / "summary.json").read_text())
+    rows = {(r["setting"], r["step"]): r for r in data["reference"]}
+    # conal seeds at 3000: means over tasks (0.8+0.2+0)/3 and (0.9+0.3+0.1)/3; the 9e7 point has no evaluation
+    conal = rows[("arch.method=conal", 3000.0)]
+    assert conal["values"] == pytest.approx([1.0 / 3, 1.3 / 3])
+    assert conal["difference"] == pytest.approx((1.0 / 3 + 1.3 / 3) / 2 - 0.2)
+    assert ("arch.method=hps", 2000.0) in rows and not any(s == 9e7 for _, s in rows)
+    text = (out / "summary.md").read_text()
+    assert "Against the reference" in text and "| arch.method=conal | 3,000 | 2 |" in text
+    assert (out / "success_rate.png").read_bytes().startswith(PNG)
+
+
+@pytest.mark.parametrize("content", ["series: []\n", "metric: success_rate\nseries:\n  - label: x\n    points: [[1]]\n", None])
+def test_a_bad_reference_file_is_one_line_exit_2(rl_runs, tmp_path, capsys, content):
+    ref = tmp_path / "ref.yaml"
+    if content is not None:
+        ref.write_text(content)
+    assert main(["report", *map(str, rl_runs), "--out", str(tmp_path / "o"), "--reference", str(ref)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "reference file" in err and len(err.splitlines()) == 1
