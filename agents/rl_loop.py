@@ -405,8 +405,10 @@ class RLRun:
                 raise StopRequested
             return self.agent.act(o, deterministic=True)
 
+        t0 = time.perf_counter()
         res = self.evaluate_fn(policy, episodes_per_task)
         out = eval_lines(res)
+        out["time/eval_seconds"] = time.perf_counter() - t0
         self.last_eval = out
         if self.logger is not None:
             self.logger.log(out, self.num_timesteps)
@@ -419,6 +421,8 @@ def eval_lines(res: dict) -> dict[str, float]:
     out["eval/success_rate/mean"] = res["mean_success_rate"]
     out.update({f"eval/return/{t}": v for t, v in res["return"].items()})
     out["eval/episodes_per_task"] = res["episodes_per_task"]
+    # the evaluation's cost in env steps (episodes end at the first success)
+    out["eval/env_steps"] = int(round(sum(res["length"].values()) * res["episodes_per_task"]))
     return out
 
 

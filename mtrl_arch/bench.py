@@ -278,7 +278,7 @@ def _context(o: Any, load0: list[float], times: dict[str, list[float]]) -> dict[
 def _flat(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     out = []
     for k, v in d.items():
-        if k in ("raw_seconds", "options", "what") or (k == "per_tasks"):
+        if k in ("raw_seconds", "options", "what", "parts") or (k == "per_tasks"):
             continue
         if isinstance(v, dict):
             out += _flat(v, f"{prefix}{k}.")

@@ -1,4 +1,4 @@
-"""RL benchmarks for ``mtrl-arch bench``: ``sac-update``, ``stl-vs-mt``, ``env``.
+"""RL benchmarks for ``mtrl-arch bench``: ``sac-update``, ``stl-vs-mt``, ``env``, ``gpu``.
 
 Same rules as :mod:`mtrl_arch.bench`: cases interleaved in one process, warm-up left out,
 medians over rounds, ratios paired within a round, machine / versions / load recorded.
@@ -17,6 +17,7 @@ actor step: + 2 P_c. Biases, activations, losses and optimiser steps are not cou
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -28,7 +29,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .bench import _context, interleaved, load_average, median, paired_ratio
+from .bench import _context, interleaved, load_average, machine, median, paired_ratio, versions
+from .config import ConfigError
 
 SAC_TARGETS = {"speedup_vs_sb3": 1.3, "conal_speedup_vs_sb3": 1.15, "ours_fraction_of_matmul_peak": 0.85}
 
@@ -259,6 +261,7 @@ class StlVsMtOptions:
     hidden: list = field(default_factory=lambda: [400, 400, 400])
     batch: int = 128                 # per task: each SB3 SAC's batch, and ours per task
     branch: int = -1                 # the CoNAL tree's branch point (-1: stages // 2)
+    device: str = "cpu"              # both sides' networks (the environments run on the CPU)
     seed: int = 0
     threads: int = 0                 # torch threads (0: torch's default)
     out: str = ""
@@ -279,11 +282,12 @@ def bench_stl_vs_mt(o: StlVsMtOptions) -> dict[str, Any]:
                              f"model.hidden={list(o.hidden)}", f"agent.batch_per_task={o.batch}",
                              f"agent.buffer_size={T * o.steps}", f"train.warmup_steps={o.warmup}",
                              "train.updates_per_step=1", "eval.every_env_steps=0", "train.log_every=1000000000",
-                             "train.checkpoint_every=0", "device=cpu", f"seed={o.seed}", "wandb.mode=disabled"])
-    ours = MTSAC.from_env(env, cfg, "cpu")
+                             "train.checkpoint_every=0", f"device={o.device}", f"seed={o.seed}", "wandb.mode=disabled"])
+    ours = MTSAC.from_env(env, cfg, o.device)
     models = [SAC("MlpPolicy", make_task_env("MT10", t, o.seed, benchmark_obj=bench_obj),
                   policy_kwargs={"net_arch": list(o.hidden)}, batch_size=o.batch, buffer_size=o.steps,
-                  learning_starts=o.warmup, train_freq=1, gradient_steps=1, seed=o.seed * 1000 + i, device="cpu", verbose=0)
+                  learning_starts=o.warmup, train_freq=1, gradient_steps=1, seed=o.seed * 1000 + i, device=o.device,
+                  verbose=0)
               for i, t in enumerate(tasks)]
     n_chunks = max(1, o.steps // o.chunk)
     cases = {"mt_ours": lambda: ours.learn(o.chunk * T),
@@ -424,5 +428,114 @@ def _timed(obj: Any, name: str, key: str, spent: dict[str, float]) -> None:
     setattr(obj, name, wrapper)
 
 
+# ---- gpu ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class GpuCheckOptions:
+    device: str = "auto"             # auto: cuda when available, else cpu (where dry is forced)
+    dry: str = "auto"                # auto: dry on a CPU; true: tiny sizes (a test of the whole check); false: full
+    run_env_steps: int = 100_000     # the timed mt10_hps run (env steps summed over tasks)
+    vector: str = "async"            # its env.vector: async steps the ten tasks in ten processes
+    eval_episodes: int = 5           # its final evaluation (episodes per task), timed and scaled to the protocol's 50
+    budget_env_steps: int = 20_000_000  # the MT10 budget the projection is for
+    eval_every_env_steps: int = 200_000  # the reference's evaluation cadence, for the projection
+    reps: int = 7                    # sac-update rounds
+    run_dir: str = ""                # the timed run's directory (default: a temporary one, removed)
+    threads: int = 0
+    out: str = ""
+
+
+def bench_gpu(o: GpuCheckOptions) -> dict[str, Any]:
+    """The GPU check: sac-update (SB3, ours eager, ours compiled with CUDA graphs), stl-vs-mt, a timed mt10_hps run.
+
+    Writes one JSON (``out=``) with each ratio against its target and the projected wall time
+    of the 20M-step MT10 budget at the measured rates. Dry mode (forced without a GPU) runs
+    every part at tiny sizes on the CPU, without torch.compile, to check the script itself;
+    its numbers mean nothing.
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if o.device == "auto" else o.device
+    dry_opt = str(o.dry).lower()
+    if dry_opt not in ("auto", "true", "false"):
+        raise ConfigError(f"bench option dry must be auto, true or false; got {o.dry!r}")
+    dry = dry_opt == "true" or device == "cpu"
+    t_start = time.perf_counter()
+    parts: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    if dry:
+        su = bench_sac_update(SacUpdateOptions(tasks=3, batch=8, hidden=[32, 32], buffer=500, search=False, reps=2,
+                                               iters=2, device=device, grad_clip=1.0))
+    else:
+        su = bench_sac_update(SacUpdateOptions(device=device, search=False, compile=True, compile_mode="reduce-overhead",
+                                               reps=o.reps, grad_clip=1.0))
+    parts["sac_update"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    sm = bench_stl_vs_mt(StlVsMtOptions(steps=20, warmup=10, chunk=10, hidden=[32, 32], batch=8, device=device) if dry
+                         else StlVsMtOptions(device=device))
+    parts["stl_vs_mt"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    run_dir = Path(o.run_dir) if o.run_dir else Path(tempfile.mkdtemp(prefix="mtrl-gpu-check-")) / "run"
+    over = (["env.tasks=[reach-v3,push-v3]", "model.hidden=[32,32]", "agent.batch_per_task=8", "train.total_env_steps=1000",
+             "train.warmup_steps=100", "train.log_every=200", "eval.final_episodes_per_task=1", "env.vector=sync"] if dry
+            else [f"train.total_env_steps={o.run_env_steps}", f"eval.final_episodes_per_task={o.eval_episodes}",
+                  "train.log_every=10000", f"env.vector={o.vector}"])
+    cmd = [sys.executable, "-m", "mtrl_arch.cli", "train", "mt10_hps", *over, f"device={device}", "eval.every_env_steps=0",
+           "train.checkpoint_every=0", "wandb.mode=disabled", f"run_dir={run_dir}", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    parts["mt10_run"] = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"the timed mt10_hps run failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+    from .logger import read_metrics
+
+    lines = read_metrics(run_dir)
+    cfg_tasks = 2 if dry else 10
+    warm_env = (100 if dry else 4000) * cfg_tasks
+    # steady state: the training windows that start after the warm-up (one update per vector step)
+    windows = [r for r in lines if "time/env_steps_per_s" in r and r["step"] > warm_env + (200 if dry else 10_000)]
+    env_rate = statistics.median(r["time/env_steps_per_s"] for r in windows) if windows else float("nan")
+    upd_rate = statistics.median(r["time/updates_per_s"] for r in windows) if windows else float("nan")
+    ev = [r for r in lines if "time/eval_seconds" in r][-1]
+    eval_s_50 = ev["time/eval_seconds"] * 50 / ev["eval/episodes_per_task"]  # episodes of equal length when few succeed
+    n_evals = o.budget_env_steps // o.eval_every_env_steps
+    train_h = o.budget_env_steps / env_rate / 3600
+    total_h = train_h + n_evals * eval_s_50 / 3600
+    if not o.run_dir:
+        shutil.rmtree(run_dir.parent, ignore_errors=True)
+
+    targets = {"speedup_vs_sb3": 5.0, "projected_hours_20M": 4.0}
+    res = {
+        "benchmark": "gpu",
+        "what": ("GPU check: bench sac-update (SB3 vs ours eager vs ours compiled, reduce-overhead), bench stl-vs-mt, "
+                 f"and a timed mt10_hps run ({'dry: tiny sizes on the CPU, numbers meaningless' if dry else o.run_env_steps}"
+                 " env steps); projection of the MT10 budget from the run's steady-state rate plus the reference's "
+                 "evaluations (every 200k env steps, 50 episodes per task, timed at eval_episodes and scaled)"),
+        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu", "dry": dry,
+        "sb3_updates_per_s": su["sb3_updates_per_s"], "ours_updates_per_s": su["ours_updates_per_s"],
+        "speedup_vs_sb3": su["speedup_vs_sb3"],
+        "compiled_updates_per_s": su.get("ours_compiled_updates_per_s"),
+        "compiled_speedup_vs_sb3": su.get("ours_compiled_speedup_vs_sb3"),
+        "mt_speedup_over_stl": sm["mt_speedup_over_stl"],
+        "run_env_steps_per_s": env_rate, "run_updates_per_s": upd_rate,
+        "run_eval_seconds_50_episodes": eval_s_50,
+        "projected_hours_training_only": train_h, "projected_hours_20M": total_h,
+        "seconds": {**parts, "total": time.perf_counter() - t_start},
+        "targets": {k: (f">= {v}" if k == "speedup_vs_sb3" else f"<= {v}") for k, v in targets.items()},
+    }
+    best = max(x for x in (res["speedup_vs_sb3"], res["compiled_speedup_vs_sb3"]) if x is not None)
+    res["met"] = {"speedup_vs_sb3": best >= targets["speedup_vs_sb3"],
+                  "projected_hours_20M": total_h <= targets["projected_hours_20M"]}
+    res["parts"] = {"sac_update": {k: v for k, v in su.items() if k != "raw_seconds"},
+                    "stl_vs_mt": {k: v for k, v in sm.items() if k != "raw_seconds"}}
+    res.update({"options": dataclasses.asdict(o), "machine": machine(), "versions": versions()})
+    return res
+
+
 BENCHES = {"sac-update": (SacUpdateOptions, bench_sac_update), "stl-vs-mt": (StlVsMtOptions, bench_stl_vs_mt),
-           "env": (EnvOptions, bench_env)}
+           "env": (EnvOptions, bench_env), "gpu": (GpuCheckOptions, bench_gpu)}

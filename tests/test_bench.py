@@ -48,3 +48,21 @@ def test_bad_options_are_refused_in_one_line() -> None:
         bench.main("trunk", True, ["reps=many"])
     with pytest.raises(ConfigError, match="unknown benchmark"):
         bench.main("trunks", True, [])
+
+
+def test_gpu_check_dry_mode_runs_every_part_and_writes_one_json(capsys, tmp_path) -> None:
+    """benchmarks/gpu_check.sh's command in the dry mode it takes without a GPU: every part runs at tiny sizes."""
+    out = tmp_path / "gpu_check.json"
+    res = run(capsys, "gpu", ["dry=true", "device=cpu", f"out={out}", f"run_dir={tmp_path / 'run'}"])
+    assert res["dry"] is True and res["device"] == "cpu"
+    for k in ("sb3_updates_per_s", "ours_updates_per_s", "speedup_vs_sb3", "mt_speedup_over_stl", "run_env_steps_per_s",
+              "run_updates_per_s", "run_eval_seconds_50_episodes", "projected_hours_20M"):
+        assert isinstance(res[k], float) and res[k] > 0, k
+    # the projection: 20M env steps at the run's rate plus 100 evaluations of 50 episodes per task
+    assert res["projected_hours_20M"] == pytest.approx(
+        2e7 / res["run_env_steps_per_s"] / 3600 + 100 * res["run_eval_seconds_50_episodes"] / 3600)
+    assert set(res["met"]) == {"speedup_vs_sb3", "projected_hours_20M"} and "versions" in res and "machine" in res
+    assert json.loads(out.read_text()) == res
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "time/eval_seconds" in line]
+    assert len(evals) == 1 and evals[0]["eval/episodes_per_task"] == 1 and evals[0]["eval/env_steps"] > 0
