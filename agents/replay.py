@@ -4,9 +4,15 @@ All tasks step together (one sub-environment per task), so the buffer is one rin
 ``capacity`` slots per task: tensors ``[T, capacity, ...]``. A batch holds the same
 number of transitions from every task, sampled in torch on the device (no host copies).
 
-For architecture search a fixed share of slots is held out: with ``val_every = m``,
-slots ``0, m, 2m, ...`` are validation and the rest training, so the split never
-changes as the ring wraps.
+For architecture search a fixed share of *whole episodes* is held out. Every task's
+episodes have ``episode_len`` steps and start together, and slot ``k`` holds vector step
+``k mod capacity``, so episode ``j`` fills the block of slots ``[j E, (j+1) E)`` (mod the
+capacity). With ``val_every = m``, every m-th block (``m-1, 2m-1, ...``) is validation
+and the rest training; the capacity is a multiple of ``m E``, so a block keeps its role
+as the ring wraps and no validation transition sits inside a training episode (held-out
+slots between training steps of the same episodes would make the validation TD loss a
+training loss). The first validation episode is the m-th: until it exists a ``val``
+sample is empty (:meth:`n_val` is 0) and callers skip their architecture step.
 """
 from __future__ import annotations
 
@@ -18,10 +24,12 @@ class TaskBalancedReplay:
     FIELDS = ("obs", "action", "reward", "next_obs", "done")
 
     def __init__(self, n_tasks: int, capacity: int, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
-                 val_fraction: float = 0.0):
+                 val_fraction: float = 0.0, episode_len: int = 1):
         self.val_every = round(1.0 / val_fraction) if val_fraction > 0 else 0
+        self.episode_len = max(1, int(episode_len))
         if self.val_every:
-            capacity = max(self.val_every, capacity - capacity % self.val_every)
+            unit = self.val_every * self.episode_len
+            capacity = max(unit, capacity - capacity % unit)
         self.T, self.capacity, self.device = n_tasks, capacity, torch.device(device)
         T, d = n_tasks, self.device
         # one row of every field side by side in a single tensor: a batch is one gather, and
@@ -39,6 +47,9 @@ class TaskBalancedReplay:
         self.pos = 0
         self.size = 0
         self._rows = torch.arange(T, device=d)[:, None]
+        if self.val_every:  # every slot of each split, ascending: a split's slots below ``size`` are a prefix
+            is_val = (torch.arange(capacity, device=d) // self.episode_len) % self.val_every == self.val_every - 1
+            self._split_slots = {"val": torch.nonzero(is_val).squeeze(1), "train": torch.nonzero(~is_val).squeeze(1)}
 
     def add(self, obs, action, reward, next_obs, done) -> None:
         """One transition per task: arrays with leading dim T (numpy or torch)."""
@@ -49,15 +60,21 @@ class TaskBalancedReplay:
         self.pos = (p + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
 
+    def n_val(self) -> int:
+        """Held-out slots filled so far (per task)."""
+        return self._filled("val") if self.val_every else 0
+
+    def _filled(self, split: str) -> int:
+        return int(torch.searchsorted(self._split_slots[split], self.size))
+
     def _slots(self, n: int, split: str, g: torch.Generator | None) -> Tensor:
-        m = self.val_every
-        if not m or split == "all":
+        if not self.val_every or split == "all":
             return torch.randint(0, self.size, (self.T, n), device=self.device, generator=g)
-        n_val = -(-self.size // m)  # slots 0, m, 2m, ... below size
-        if split == "val":
-            return torch.randint(0, n_val, (self.T, n), device=self.device, generator=g) * m
-        u = torch.randint(0, max(self.size - n_val, 1), (self.T, n), device=self.device, generator=g)
-        return (u // (m - 1)) * m + 1 + u % (m - 1)
+        filled = self._filled(split)
+        if filled == 0:
+            raise ValueError(f"no {split} transitions in the replay yet ({self.size} steps per task, held-out episodes "
+                             f"every {self.val_every} of {self.episode_len} steps)")
+        return self._split_slots[split][torch.randint(0, filled, (self.T, n), device=self.device, generator=g)]
 
     def sample(self, n_per_task: int, split: str = "all", generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """``n_per_task`` transitions from every task: tensors ``[T, n, ...]``.
@@ -75,10 +92,11 @@ class TaskBalancedReplay:
     def state_dict(self) -> dict:
         n = self.size
         return {"pos": self.pos, "size": n, "capacity": self.capacity, "val_every": self.val_every,
+                "episode_len": self.episode_len,
                 **{f: getattr(self, f)[:, :n].cpu().clone() for f in self.FIELDS}}
 
     def load_state_dict(self, d: dict) -> None:
-        if d["capacity"] != self.capacity or d["val_every"] != self.val_every:
+        if (d["capacity"], d["val_every"], d.get("episode_len", 1)) != (self.capacity, self.val_every, self.episode_len):
             raise ValueError(f"replay layout differs (capacity {d['capacity']} vs {self.capacity}); resume with the same agent.buffer_size")
         n = d["size"]
         for f in self.FIELDS:

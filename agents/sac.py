@@ -169,7 +169,7 @@ class MTSAC:
     STATS = ("critic_loss", "actor_loss", "alpha", "entropy")  # what train_step returns, each [T]
 
     def __init__(self, tasks: tuple[str, ...], obs_dim: int, action_dim: int, config: Config,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", episode_len: int | None = None):
         self.cfg, self.tasks, self.obs_dim, self.action_dim = config, tuple(tasks), obs_dim, action_dim
         self.device = torch.device(device)
         a, T = config.agent, len(tasks)
@@ -186,8 +186,10 @@ class MTSAC:
         self.target_entropy = a.target_entropy or -float(action_dim)
         self.log_alpha = torch.full((T,), math.log(a.init_alpha), device=self.device, requires_grad=True)
         self.alpha_opt = make_adam([self.log_alpha], a.alpha_lr, a.adam_eps)
+        # architecture steps hold out whole episodes (Meta-World's are 500 steps unless the config says otherwise)
+        episode_len = episode_len or config.env.max_episode_steps or 500
         self.replay = TaskBalancedReplay(T, max(1, a.buffer_size // T), obs_dim, action_dim, self.device,
-                                         config.arch.val_fraction if self.searching else 0.0)
+                                         config.arch.val_fraction if self.searching else 0.0, episode_len)
         self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
         self.n_updates = 0
         self.trees: dict[str, Tree] = {}
@@ -206,7 +208,8 @@ class MTSAC:
     def _combiner(self) -> GradientCombiner:
         c = self.cfg
         return GradientCombiner(make_weighting(c.weighting.method, n_tasks=len(self.tasks), **c.weighting.options),
-                                c.arch.conflict_noticed, c.arch.cn_variant, c.arch.track_conflicts_every)
+                                c.arch.conflict_noticed, c.arch.cn_variant, c.arch.track_conflicts_every,
+                                cn_fraction=c.arch.cn_fraction)
 
     def _build(self, search: bool, trees: dict[str, Tree] | None = None) -> None:
         """Search networks while searching; afterwards fixed trunks from the derived (or given) trees."""
@@ -340,7 +343,7 @@ class MTSAC:
         """Architecture updates on held-out replay: the critic's TD loss, the actor's loss."""
         for m in (self.critic_method, self.actor_method):
             m.on_step(step)
-        if not self.actor_method.phase(step).arch:
+        if not self.actor_method.phase(step).arch or self.replay.n_val() == 0:  # no held-out episode yet
             return
         v = self.replay.sample(self.batch, "val", self.sample_gen)
         self.critic_method.arch_step(self._critic_losses(v, self._td_target(v, alpha)))
@@ -417,7 +420,8 @@ class MTSAC:
 
     @classmethod
     def from_env(cls, env: Any, config: Config, device: torch.device | str = "cpu") -> "MTSAC":
-        agent = cls(env.tasks, env.observation_dim, env.action_dim, config, device)
+        agent = cls(env.tasks, env.observation_dim, env.action_dim, config, device,
+                    getattr(env, "max_episode_steps", None))
         agent.env = env
         return agent
 

@@ -205,7 +205,8 @@ class SupervisedRun:
         self.method = make_method(cfg.arch.method, adapter.spec, cfg.arch.options, cfg.seed)
         self.searching = self.method.searches and cfg.arch.search_steps > 0
         self.combiner = GradientCombiner(make_weighting(cfg.weighting.method, n_tasks=T, **cfg.weighting.options),
-                                         cfg.arch.conflict_noticed, cfg.arch.cn_variant, cfg.arch.track_conflicts_every)
+                                         cfg.arch.conflict_noticed, cfg.arch.cn_variant, cfg.arch.track_conflicts_every,
+                                         cn_fraction=cfg.arch.cn_fraction)
         self.combiner.weighting.to(device)
         amp = cfg.train.amp and device.type == "cuda"
         if cfg.train.amp and not amp:

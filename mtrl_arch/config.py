@@ -55,6 +55,7 @@ class ArchConfig:
     retrain: Literal["scratch", "continue"] = "scratch"  # after deriving: retrain from scratch (paper) or keep the searched weights
     conflict_noticed: bool = False    # withhold a shared group's update on steps where task gradients conflict there
     cn_variant: Literal["layer", "branch"] = "layer"
+    cn_fraction: float = 0.0          # withhold a group when more than this share of its task pairs conflict (0: any pair, the paper)
     val_fraction: float = 0.2         # share of data (RL: of the replay) held out for architecture steps
     track_conflicts_every: int = 0    # measure gradient conflicts every N updates even when nothing needs them (0: never)
     options: dict = field(default_factory=dict)  # method-specific, see the method's Options class
@@ -415,6 +416,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"agent.gamma must be in (0, 1]; got {cfg.agent.gamma}")
     if not 0.0 < cfg.agent.tau <= 1.0:
         raise ConfigError(f"agent.tau must be in (0, 1]; got {cfg.agent.tau}")
+    if not 0.0 <= cfg.arch.cn_fraction < 1.0:
+        raise ConfigError(f"arch.cn_fraction must be in [0, 1); got {cfg.arch.cn_fraction}")
     if not 0.0 <= cfg.arch.val_fraction < 1.0:
         raise ConfigError(f"arch.val_fraction must be in [0, 1); got {cfg.arch.val_fraction}")
     if cfg.train.keep_checkpoints < 1:

@@ -139,18 +139,24 @@ def cosines_from_gram(D: Tensor) -> Tensor:
 
 
 def conflict_mask(groups: Sequence[ParamGroup], grads: Sequence[Tensor], variant: str = "layer",
-                  grams: Sequence[Tensor | None] | None = None) -> Tensor:
+                  grams: Sequence[Tensor | None] | None = None, fraction: float = 0.0) -> Tensor:
     """Which groups the conflict-noticed operation withholds this step (bool [n_groups]).
 
-    ``layer``: a group conflicts when two of the tasks using it have gradients with a
-    negative inner product on it. ``branch``: a conflicting group also withholds every
-    later group that shares a task with it (the deeper layers on the same path).
+    ``layer``: a group conflicts when more than ``fraction`` of the pairs of tasks using it
+    have gradients with a negative inner product on it; ``fraction=0`` is the paper's rule
+    (any pair). With many tasks that rule fires on nearly every step (MT10: 45 pairs per
+    shared group) and freezes the shared trunk during the search; a fraction (e.g. 0.5:
+    most pairs conflict) scales with the number of tasks. ``branch``: a conflicting group
+    also withholds every later group that shares a task with it (the deeper layers on the
+    same path).
     """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"conflict-noticed fraction must be in [0, 1); got {fraction}")
     if variant not in ("layer", "branch"):
         raise ValueError(f"unknown conflict-noticed variant {variant!r}; choose 'layer' or 'branch'")
     grams = task_grams(groups, grads) if grams is None else grams
-    flags = [(_pairs(D) < 0).any() if D is not None else torch.zeros((), dtype=torch.bool, device=G.device)
-             for D, G in zip(grams, grads)]
+    flags = [(_pairs(D) < 0).float().mean() > fraction if D is not None
+             else torch.zeros((), dtype=torch.bool, device=G.device) for D, G in zip(grams, grads)]
     mask = torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool)
     if variant == "branch" and len(groups) > 1:
         out = mask.clone()

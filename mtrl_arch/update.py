@@ -21,10 +21,10 @@ from .conflict import ConflictStats, conflict_mask, task_grams, task_gradients, 
 
 class GradientCombiner:
     def __init__(self, weighting: Any, conflict_noticed: bool = False, cn_variant: str = "layer",
-                 track_every: int = 0, thresholds: Sequence[float] = (0.0,)):
+                 track_every: int = 0, thresholds: Sequence[float] = (0.0,), cn_fraction: float = 0.0):
         self.weighting = weighting
         self.conflict_noticed = conflict_noticed
-        self.cn_variant = cn_variant
+        self.cn_variant, self.cn_fraction = cn_variant, cn_fraction
         self.track_every = track_every  # also measure conflicts every N steps when nothing needs them
         self.stats = ConflictStats(tuple(thresholds))
 
@@ -53,7 +53,7 @@ class GradientCombiner:
             distributed.all_reduce_grads(self._params(net, inputs))
             *grads, w = distributed.all_reduce_mean([*grads, w])
         grams = task_grams(groups, grads)
-        mask = conflict_mask(groups, grads, self.cn_variant, grams) if self.conflict_noticed else None
+        mask = conflict_mask(groups, grads, self.cn_variant, grams, self.cn_fraction) if self.conflict_noticed else None
         self.stats.update(groups, grads, mask, grams)
         for o in observers:
             if getattr(o, "wants_task_grads", False):

@@ -311,6 +311,25 @@ def test_conflict_noticed_layer_vs_branch_variant() -> None:
     assert conflict_mask(groups, [aligned, conflicting], "branch").tolist() == [False, True]
 
 
+def test_conflict_noticed_fraction_of_conflicting_pairs() -> None:
+    """4 tasks, 6 pairs: task 3 opposes the other three (3 conflicting pairs = 0.5 of them)."""
+    from mtrl_arch.conflict import conflict_mask
+
+    tasks = ("a", "b", "c", "d")
+    net = Trunk(Tree(tasks, (((0, 1, 2, 3),),)), [linear_stage(2, 2, "identity")])
+    groups = net.shared_groups()
+    G = torch.tensor([[1.0, 0.0], [1.0, 0.2], [1.0, -0.2], [-1.0, 0.0]])  # per-task gradients [T, P]
+    one_pair = torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.1, 1.0], [-0.1, 1.0]])  # only c.d conflict: 1/6
+    assert conflict_mask(groups, [G]).tolist() == [True]              # the paper's rule: any pair
+    assert conflict_mask(groups, [one_pair]).tolist() == [True]
+    assert conflict_mask(groups, [G], fraction=0.4).tolist() == [True]   # 0.5 > 0.4
+    assert conflict_mask(groups, [G], fraction=0.5).tolist() == [False]  # not more than half
+    assert conflict_mask(groups, [one_pair], fraction=0.1).tolist() == [True]
+    assert conflict_mask(groups, [one_pair], fraction=0.2).tolist() == [False]
+    with pytest.raises(ValueError, match="fraction"):
+        conflict_mask(groups, [G], fraction=1.0)
+
+
 # ---- architecture JSON -----------------------------------------------------------------
 
 def test_tree_json_round_trip_and_version_checks(tmp_path) -> None:

@@ -58,22 +58,55 @@ def test_each_task_alpha_moves_toward_its_target_entropy(target: float, directio
     assert moved.tolist() == [direction] * len(TASKS)
 
 
-def test_task_balanced_replay_and_held_out_split() -> None:
-    T, cap = 4, 100
-    r = TaskBalancedReplay(T, cap, 3, 2, val_fraction=0.2)
-    for i in range(150):  # wraps around
-        obs = np.stack([[t, i, 0] for t in range(T)]).astype(np.float32)
-        r.add(obs, np.zeros((T, 2)), np.zeros(T), obs, np.zeros(T))
+def test_task_balanced_replay_holds_out_whole_episodes_as_the_ring_wraps() -> None:
+    T, E = 4, 10  # 10-step episodes; every 5th is held out; capacity rounds down to a multiple of 5 x 10
+    r = TaskBalancedReplay(T, 123, 3, 2, val_fraction=0.2, episode_len=E)
+    assert r.capacity == 100
     g = torch.Generator().manual_seed(0)
+    for i in range(40):
+        obs = np.stack([[t, i, i // E] for t in range(T)]).astype(np.float32)  # [task, step, episode]
+        r.add(obs, np.zeros((T, 2)), np.zeros(T), obs, np.zeros(T))
+    assert r.n_val() == 0  # episodes 0-3 only: no held-out episode yet
+    with pytest.raises(ValueError, match="no val transitions"):
+        r.sample(4, "val", g)
+    for i in range(40, 275):  # wraps around twice and a half
+        obs = np.stack([[t, i, i // E] for t in range(T)]).astype(np.float32)
+        r.add(obs, np.zeros((T, 2)), np.zeros(T), obs, np.zeros(T))
     for split in ("all", "train", "val"):
         b = r.sample(64, split, g)
         assert b["obs"].shape == (T, 64, 3)
         # every batch holds the same number of samples of each task, each from its own task
         assert (b["obs"][:, :, 0] == torch.arange(T)[:, None]).all()
-    slot_of = lambda step: step % cap  # noqa: E731 - where transition `step` lives after wrap-around
-    val = r.sample(500, "val", g)["obs"][:, :, 1].long()
-    train = r.sample(500, "train", g)["obs"][:, :, 1].long()
-    assert (slot_of(val) % r.val_every == 0).all() and (slot_of(train) % r.val_every != 0).all()
+    val_eps = set(r.sample(2000, "val", g)["obs"][:, :, 2].long().flatten().tolist())
+    train_eps = set(r.sample(2000, "train", g)["obs"][:, :, 2].long().flatten().tolist())
+    # what the ring holds: steps 175-274, episodes 17 (second half) to 27 (first half); held out: 4, 9, 14, ...
+    assert val_eps == {19, 24} and train_eps == {17, 18, 20, 21, 22, 23, 25, 26, 27}
+    assert r.n_val() == 2 * E
+
+
+def test_searching_agent_never_takes_a_weight_step_on_held_out_episodes() -> None:
+    """During a search the weight steps sample the training episodes only, the architecture steps the held-out ones."""
+    agent = MTSAC(TASKS, OBS, ACT, make_cfg("arch.method=conal", "arch.search_steps=1000", "agent.batch_per_task=8"),
+                  episode_len=10)
+    assert agent.searching and agent.replay.val_every == 5
+    rng = np.random.default_rng(0)
+    for i in range(200):  # 20 episodes; obs[..., 0] carries the episode number
+        obs = rng.normal(size=(len(TASKS), OBS)).astype(np.float32)
+        obs[:, 0] = i // 10
+        agent.replay.add(obs, rng.uniform(-1, 1, (len(TASKS), ACT)), rng.normal(size=len(TASKS)), obs, np.zeros(len(TASKS)))
+    seen: dict[str, set] = {"train": set(), "val": set()}
+    sample = agent.replay.sample
+
+    def spy(n, split="all", generator=None):
+        b = sample(n, split, generator)
+        seen[split] |= set(b["obs"][:, :, 0].long().flatten().tolist())
+        return b
+
+    agent.replay.sample = spy
+    for _ in range(5):
+        agent.train_step()
+    assert seen["train"] and not seen["train"] & {4, 9, 14, 19}
+    assert seen["val"] and seen["val"] <= {4, 9, 14, 19}
 
 
 def test_save_load_gives_identical_predictions(tmp_path) -> None:
