@@ -7,12 +7,13 @@ number of transitions from every task, sampled in torch on the device (no host c
 For architecture search a fixed share of *whole episodes* is held out. Every task's
 episodes have ``episode_len`` steps and start together, and slot ``k`` holds vector step
 ``k mod capacity``, so episode ``j`` fills the block of slots ``[j E, (j+1) E)`` (mod the
-capacity). With ``val_every = m``, every m-th block (``m-1, 2m-1, ...``) is validation
-and the rest training; the capacity is a multiple of ``m E``, so a block keeps its role
-as the ring wraps and no validation transition sits inside a training episode (held-out
-slots between training steps of the same episodes would make the validation TD loss a
-training loss). The first validation episode is the m-th: until it exists a ``val``
-sample is empty (:meth:`n_val` is 0) and callers skip their architecture step.
+capacity). With ``val_every = m``, every m-th block (``1, m+1, 2m+1, ...``) is
+validation and the rest training; the capacity is a multiple of ``m E``, so a block keeps
+its role as the ring wraps and no validation transition sits inside a training episode
+(held-out slots between training steps of the same episodes would make the validation TD
+loss a training loss). Training data exists from the first step; the first validation
+episode is the second: until it starts a ``val`` sample is empty (:meth:`n_val` is 0) and
+callers skip their architecture step.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ class TaskBalancedReplay:
 
     def __init__(self, n_tasks: int, capacity: int, obs_dim: int, action_dim: int, device: torch.device | str = "cpu",
                  val_fraction: float = 0.0, episode_len: int = 1):
-        self.val_every = round(1.0 / val_fraction) if val_fraction > 0 else 0
+        # at most every second episode held out: training data must exist from the first step
+        self.val_every = max(2, round(1.0 / val_fraction)) if val_fraction > 0 else 0
         self.episode_len = max(1, int(episode_len))
         if self.val_every:
             unit = self.val_every * self.episode_len
@@ -48,7 +50,7 @@ class TaskBalancedReplay:
         self.size = 0
         self._rows = torch.arange(T, device=d)[:, None]
         if self.val_every:  # every slot of each split, ascending: a split's slots below ``size`` are a prefix
-            is_val = (torch.arange(capacity, device=d) // self.episode_len) % self.val_every == self.val_every - 1
+            is_val = (torch.arange(capacity, device=d) // self.episode_len) % self.val_every == 1
             self._split_slots = {"val": torch.nonzero(is_val).squeeze(1), "train": torch.nonzero(~is_val).squeeze(1)}
 
     def add(self, obs, action, reward, next_obs, done) -> None:

@@ -30,6 +30,8 @@ resume is not exact.
 """
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import sys
 import threading
@@ -42,8 +44,9 @@ import torch
 
 from mtrl_arch import distributed
 from mtrl_arch.logger import progress_bar
-from mtrl_arch.checkpoint import NonFiniteError, assert_finite, list_steps, rng_state, save_checkpoint, set_rng_state
-from mtrl_arch.run import check_resume_key, resume_key
+from mtrl_arch.checkpoint import (NonFiniteError, assert_finite, list_steps, rng_preserved, rng_state, save_checkpoint,
+                                  set_rng_state)
+from mtrl_arch.run import check_resume_key, restore_schedules, resume_key
 
 __all__ = ["RLRun", "NonFiniteError", "graceful_stop", "episode_seed", "shared_state"]
 
@@ -87,6 +90,34 @@ def episode_seed(seed: int, episode: int) -> int:
     return (seed * 1_000_003 + episode * 7919) % (2**31 - 1)
 
 
+_FREED_MEMORY_KEPT: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed heap memory in the process instead of returning it to the OS.
+
+    By default glibc serves large blocks with fresh mmaps and trims the heap top above a
+    few MB, so the ~100 MB of activations and gradients that one SAC update allocates and
+    frees are page-faulted in again (and zeroed by the kernel) at every update: measured as
+    about a third of the non-matmul time of an update on a 2-core CPU. Keeping them costs
+    the process its peak memory, which it needs anyway. Process-wide, once; the same as
+    ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``. Set
+    ``MTRL_ARCH_MALLOC=default`` to leave glibc as it is. Returns whether it is in effect.
+    """
+    global _FREED_MEMORY_KEPT
+    if _FREED_MEMORY_KEPT is None:
+        _FREED_MEMORY_KEPT = False
+        if sys.platform.startswith("linux") and os.environ.get("MTRL_ARCH_MALLOC", "keep") != "default":
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+                _FREED_MEMORY_KEPT = bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1
+                                          and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1)
+            except (OSError, AttributeError):  # not glibc
+                pass
+    return _FREED_MEMORY_KEPT
+
+
 class RLRun:
     """Owns the state of one training run around an :class:`~mtrl_arch.agents.sac.MTSAC`."""
 
@@ -105,6 +136,7 @@ class RLRun:
         self.episode = 0
         self.last_eval: dict[str, float] = {}
         self.np_rng = np.random.default_rng(self.seed)
+        self._seeded = False  # the torch RNG: seeded at the first learn() of a fresh run
         ep_len = getattr(env, "max_episode_steps", None) or 500
         self.episode_len = int(ep_len)
         self.obs = None
@@ -159,12 +191,8 @@ class RLRun:
         except (KeyError, RuntimeError, ValueError) as e:  # shapes/keys of another config or version
             raise ConfigError(f"{where} does not fit this config or "
                               f"mtrl-arch version ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-        if self.agent.searching:
-            # schedules (temperatures, curricula) are pure functions of the update count; a fresh search
-            # network starts at update 0, so re-apply the schedule the last update left in force
-            for m in (self.agent.actor_method, self.agent.critic_method):
-                if hasattr(m, "_apply_schedule"):
-                    m._apply_schedule(self.agent.n_updates)
+        if self.agent.searching:  # methods' schedules count updates (see mtrl_arch.run.restore_schedules)
+            restore_schedules((self.agent.actor_method, self.agent.critic_method), self.agent.n_updates)
         self.vector_step, self.episode, self.last_eval = d["vector_step"], d["episode"], d["last_eval"]
         self.final_eval_done = d.get("final_eval_done", False)
         if "np_rng" in d:
@@ -190,6 +218,7 @@ class RLRun:
         if self.logger is not None and d.get("logger_pos") is not None and hasattr(self.logger, "rewind"):
             self.logger.rewind(d["logger_pos"])
         self._saved_at = self.vector_step
+        self._seeded = True
         if "rng" in d:
             set_rng_state(d["rng"])
         else:  # a rank > 0: fresh streams of its own, not a repeat of those it started with
@@ -267,6 +296,11 @@ class RLRun:
         ckpt_every = -(-cfg.train.checkpoint_every // TW) if cfg.train.checkpoint_every else 0
         eval_every = cfg.eval.every_env_steps // TW if cfg.eval.every_env_steps else 0
         log_every = max(1, cfg.train.log_every // TW)
+        if not self._seeded:  # a fresh run: this rank's exploration noise (a resume restores the checkpoint's state)
+            torch.manual_seed(self.seed)
+            self._seeded = True
+        if agent.device.type == "cpu":
+            keep_freed_memory()  # process-wide allocator setting, made by the process's loop (see its docstring)
         if self.obs is None or self.vector_step % self.episode_len == 0:
             self._restore_env()
         if self.vector_step < n_vector:  # e.g. a finished run resumed with a larger train.total_env_steps
@@ -302,12 +336,16 @@ class RLRun:
                         self._stats_steps.append(self.vector_step)
                 if agent.searching and self.vector_step >= search_vec:
                     self._finish_search()
-                if self.vector_step % log_every == 0 or self.vector_step == n_vector:
+                regular_log = self.vector_step % log_every == 0
+                if regular_log or self.vector_step == n_vector:
                     now = time.perf_counter()
                     rates = {"time/env_steps_per_s": (self.vector_step - steps_log) * TW / max(now - t_log, 1e-9),
                              "time/updates_per_s": (agent.n_updates - updates_log) / max(now - t_log, 1e-9)}
                     t_log, steps_log, updates_log = now, self.vector_step, agent.n_updates
-                    self._log_train(rates)
+                    # a line at the end of the budget reports the open window but keeps it (and the
+                    # checkpoint holds it), so a run resumed with a larger budget logs the windows an
+                    # uninterrupted run logs; only the stop point adds a line
+                    self._log_train(rates, keep=not regular_log)
                     if bar is not None:
                         bar.set_postfix({"env/s": f"{rates['time/env_steps_per_s']:.0f}",
                                          "upd/s": f"{rates['time/updates_per_s']:.1f}",
@@ -361,7 +399,8 @@ class RLRun:
         if self.on_arch is not None:
             self.on_arch(trees)
 
-    def _log_train(self, rates: dict[str, float]) -> None:
+    def _log_train(self, rates: dict[str, float], keep: bool = False) -> None:
+        """One ``train/*`` line over the window since the last one; ``keep``: the window stays open."""
         out: dict[str, float] = dict(rates)
         if self._stats:
             self.check_finite()  # names the exact update, task and loss term
@@ -388,9 +427,11 @@ class RLRun:
             out.update({f"train/episode_{key}/{t}": v for t, v in per.items()})
             if per:
                 out[f"train/episode_{key}/mean"] = float(np.mean(list(per.values())))
-        self._stats.clear()
-        self._stats_steps.clear()
-        self._episodes.clear()
+        if not keep:
+            self._stats.clear()
+            self._stats_steps.clear()
+            self._episodes.clear()
+        out.update(self.agent.diagnostics())  # search probabilities, conflict and withheld rates
         out["train/n_updates"] = self.agent.n_updates
         out["phase"] = "search" if self.agent.searching else "train"
         if self.logger is not None:
@@ -406,7 +447,8 @@ class RLRun:
             return self.agent.act(o, deterministic=True)
 
         t0 = time.perf_counter()
-        res = self.evaluate_fn(policy, episodes_per_task)
+        with rng_preserved():  # the training's random streams go on as if no evaluation ran (see rng_preserved)
+            res = self.evaluate_fn(policy, episodes_per_task)
         out = eval_lines(res)
         out["time/eval_seconds"] = time.perf_counter() - t0
         self.last_eval = out

@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import math
-import os
 import sys
 from typing import Any
 
@@ -47,7 +45,7 @@ from mtrl_arch.steps import weight_parameters, weight_step
 from mtrl_arch.tree import Tree
 from mtrl_arch.trunk import Trunk, ensemble_input, ensemble_output, ensemble_stage, linear_stage, mlp_stages
 from mtrl_arch.update import GradientCombiner
-from mtrl_arch.weighting import make_weighting
+from mtrl_arch.weighting import Weighting, make_weighting
 
 from .ensemble import EnsembleTrunk
 from .replay import TaskBalancedReplay
@@ -61,34 +59,6 @@ def make_adam(params: list[nn.Parameter], lr: float, eps: float = 1e-8) -> torch
         return torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
-
-
-_FREED_MEMORY_KEPT: bool | None = None
-
-
-def keep_freed_memory() -> bool:
-    """Make glibc keep freed heap memory in the process instead of returning it to the OS.
-
-    By default glibc serves large blocks with fresh mmaps and trims the heap top above a
-    few MB, so the ~100 MB of activations and gradients that one SAC update allocates and
-    frees are page-faulted in again (and zeroed by the kernel) at every update: measured as
-    about a third of the non-matmul time of an update on a 2-core CPU. Keeping them costs
-    the process its peak memory, which it needs anyway. Process-wide, once; the same as
-    ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824``. Set
-    ``MTRL_ARCH_MALLOC=default`` to leave glibc as it is. Returns whether it is in effect.
-    """
-    global _FREED_MEMORY_KEPT
-    if _FREED_MEMORY_KEPT is None:
-        _FREED_MEMORY_KEPT = False
-        if sys.platform.startswith("linux") and os.environ.get("MTRL_ARCH_MALLOC", "keep") != "default":
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-                _FREED_MEMORY_KEPT = bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1
-                                          and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1)
-            except (OSError, AttributeError):  # not glibc
-                pass
-    return _FREED_MEMORY_KEPT
 
 
 def actor_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "relu", init: str = "torch") -> TrunkSpec:
@@ -173,42 +143,42 @@ class MTSAC:
         self.cfg, self.tasks, self.obs_dim, self.action_dim = config, tuple(tasks), obs_dim, action_dim
         self.device = torch.device(device)
         a, T = config.agent, len(tasks)
-        if self.device.type == "cpu":
-            keep_freed_memory()
-        torch.manual_seed(config.seed)
-        critic_hidden = list(a.critic_hidden or config.model.hidden)
-        m = config.model
-        self.actor_method = make_method(config.arch.method, actor_spec(tasks, obs_dim, action_dim, m.hidden, m.activation, m.init),
-                                        config.arch.options, config.seed)
-        self.critic_method = make_method(config.arch.method, critic_spec(tasks, obs_dim, action_dim, critic_hidden, m.activation,
-                                                                         m.init), config.arch.options, config.seed)
-        self.searching = self.actor_method.searches and config.arch.search_steps > 0
-        self.target_entropy = a.target_entropy or -float(action_dim)
-        self.log_alpha = torch.full((T,), math.log(a.init_alpha), device=self.device, requires_grad=True)
-        self.alpha_opt = make_adam([self.log_alpha], a.alpha_lr, a.adam_eps)
-        # architecture steps hold out whole episodes (Meta-World's are 500 steps unless the config says otherwise)
-        episode_len = episode_len or config.env.max_episode_steps or 500
-        self.replay = TaskBalancedReplay(T, max(1, a.buffer_size // T), obs_dim, action_dim, self.device,
-                                         config.arch.val_fraction if self.searching else 0.0, episode_len)
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
-        self.n_updates = 0
-        self.trees: dict[str, Tree] = {}
         W = distributed.world_size()
         self.batch = -(-a.batch_per_task // W)  # per rank and task: W of these make the single-process batch
         if a.batch_per_task % W and distributed.is_main():
             print(f"warning: agent.batch_per_task={a.batch_per_task} does not divide by {W} processes; each samples "
                   f"{self.batch} per task (global batch {self.batch * W} per task)", file=sys.stderr)
-        self._build(search=self.searching)
-        if distributed.rank() > 0:  # own exploration noise and replay draws (the weights come from rank 0)
-            seed = distributed.rank_seed(config.seed)
-            torch.manual_seed(seed)
-            self.sample_gen.manual_seed(seed + 1)
+        self.target_entropy = a.target_entropy or -float(action_dim)
+        self.log_alpha = torch.full((T,), math.log(a.init_alpha), device=self.device, requires_grad=True)
+        self.alpha_opt = make_adam([self.log_alpha], a.alpha_lr, a.adam_eps)
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(config.seed + 1)
+        self.n_updates = 0
+        self.trees: dict[str, Tree] = {}
+        # the initial weights depend on config.seed alone and the process's random state is left as it was:
+        # seeding the process (exploration noise) is the run's job (RLRun.learn), as in SB3's learn
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            m, critic_hidden = config.model, list(a.critic_hidden or config.model.hidden)
+            self.actor_method = make_method(config.arch.method, actor_spec(tasks, obs_dim, action_dim, m.hidden, m.activation,
+                                                                           m.init), config.arch.options, config.seed,
+                                            derive=config.arch)
+            self.critic_method = make_method(config.arch.method, critic_spec(tasks, obs_dim, action_dim, critic_hidden,
+                                                                             m.activation, m.init), config.arch.options,
+                                             config.seed, derive=config.arch)
+            self.searching = self.actor_method.searches and config.arch.search_steps > 0
+            # architecture steps hold out whole episodes (Meta-World's are 500 steps unless the config says otherwise)
+            episode_len = episode_len or config.env.max_episode_steps or 500
+            self.replay = TaskBalancedReplay(T, max(1, a.buffer_size // T), obs_dim, action_dim, self.device,
+                                             config.arch.val_fraction if self.searching else 0.0, episode_len)
+            self._build(search=self.searching)
+        if distributed.rank() > 0:  # own replay draws (the weights come from rank 0; the noise is seeded by the run)
+            self.sample_gen.manual_seed(distributed.rank_seed(config.seed) + 1)
 
     # ---- networks ---------------------------------------------------------------------------
     def _combiner(self) -> GradientCombiner:
         c = self.cfg
-        return GradientCombiner(make_weighting(c.weighting.method, n_tasks=len(self.tasks), **c.weighting.options),
-                                c.arch.conflict_noticed, c.arch.cn_variant, c.arch.track_conflicts_every,
+        w = make_weighting(c.weighting.method, n_tasks=len(self.tasks), **c.weighting.options).to(self.device)
+        return GradientCombiner(w, c.arch.conflict_noticed, c.arch.cn_variant, c.arch.track_conflicts_every,
                                 cn_fraction=c.arch.cn_fraction)
 
     def _build(self, search: bool, trees: dict[str, Tree] | None = None) -> None:
@@ -230,8 +200,11 @@ class MTSAC:
                 distributed.broadcast_module(m)
             distributed.broadcast_([self.log_alpha])
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self._actor_params = weight_parameters(self.actor.net)
-        self._critic_params = weight_parameters(self.critic.net)
+        self.actor_combiner, self.critic_combiner = self._combiner(), self._combiner()
+        # the weightings' learnable tensors (UW's log-variances) train with their network's optimiser at its rate;
+        # the actor's backward is limited to _actor_params (its ``inputs``), so theirs must be in it to get gradients
+        self._actor_params = weight_parameters(self.actor.net) + list(self.actor_combiner.weighting.parameters())
+        self._critic_params = weight_parameters(self.critic.net) + list(self.critic_combiner.weighting.parameters())
         self.actor_opt = make_adam(self._actor_params, a.lr, a.adam_eps)
         self.critic_opt = make_adam(self._critic_params, a.lr, a.adam_eps)
         for opt in (self.actor_opt, self.critic_opt):  # the combiner averages these gradients before clipping
@@ -243,7 +216,11 @@ class MTSAC:
                                           m.arch_optimizer.defaults["betas"])
         self._online = list(self.critic.parameters())
         self._target = list(self.critic_target.parameters())
-        self.actor_combiner, self.critic_combiner = self._combiner(), self._combiner()
+        # RL has no epochs: weightings that end epochs (DWA) get the mean per-task losses of every
+        # agent.dwa_epoch_updates updates (critic's and actor's, [2, T]); a new network starts a new epoch
+        uses_epochs = type(self.actor_combiner.weighting).end_epoch is not Weighting.end_epoch
+        self._epoch_sums = torch.zeros(2, len(self.tasks), device=self.device) if uses_epochs else None
+        self._epoch_count = 0
         self._eager = {"target": self._td_target, "critic": self._critic_losses, "actor": self._actor_losses}
         # compiled once per network build; used on steps where nothing needs per-task gradients
         self._compiled = ({k: torch.compile(f, dynamic=False, mode=a.compile_mode) for k, f in self._eager.items()}
@@ -312,10 +289,37 @@ class MTSAC:
             torch._foreach_lerp_(self._target, self._online, a.tau)
         if self.searching:
             self._arch_steps(step, alpha)
+        if self._epoch_sums is not None:
+            self._epoch_step(critic_losses, actor_losses)
         self.n_updates += 1
         if self._cuda_graphs:  # the loop logs these after later steps have run
             critic_losses, actor_losses = critic_losses.clone(), actor_losses.clone()
         return {"critic_loss": critic_losses, "actor_loss": actor_losses, "alpha": alpha, "entropy": -stats["logp"]}
+
+    def _epoch_step(self, critic_losses: Tensor, actor_losses: Tensor) -> None:
+        """Accumulate this update's per-task losses; every ``agent.dwa_epoch_updates`` updates end an epoch."""
+        self._epoch_sums += torch.stack([critic_losses, actor_losses])
+        self._epoch_count += 1
+        if self._epoch_count < self.cfg.agent.dwa_epoch_updates:
+            return
+        mean = self._epoch_sums / self._epoch_count
+        if distributed.active():  # the mean over every rank's batches: the ranks' weightings stay identical
+            (mean,) = distributed.all_reduce_mean([mean])
+        self.critic_combiner.weighting.end_epoch(mean[0])
+        self.actor_combiner.weighting.end_epoch(mean[1])
+        self._epoch_sums.zero_()
+        self._epoch_count = 0
+
+    def diagnostics(self) -> dict[str, float]:
+        """What the log adds to its training lines: while searching, the searches' choice probabilities
+        (``arch/actor/...``, ``arch/critic/...``); wherever conflicts are measured (the conflict-noticed
+        operation, gradient weightings, ``arch.track_conflicts_every``), each shared group's running
+        conflict and withheld rates (``conflict/actor/<group>/...``, ``conflict/critic/<group>/...``)."""
+        out = {**self.actor_method.arch_values(), **self.critic_method.arch_values()} if self.searching else {}
+        for net, combiner in (("actor", self.actor_combiner), ("critic", self.critic_combiner)):
+            if combiner.stats.steps:
+                out.update({k.replace("conflict/", f"conflict/{net}/", 1): v for k, v in combiner.stats.summary().items()})
+        return out
 
     def _fn(self, name: str, step: int, combiner: GradientCombiner):
         """The compiled loss function where it may run (fixed networks, no per-task gradients), else the eager one."""
@@ -386,6 +390,9 @@ class MTSAC:
             "actor_method": self.actor_method.state_dict(), "critic_method": self.critic_method.state_dict(),
             "actor_combiner": self.actor_combiner.state_dict(), "critic_combiner": self.critic_combiner.state_dict(),
             "sample_gen": self.sample_gen.get_state(),
+            # the open epoch of a weighting that uses epochs (DWA): an exact resume ends it where it would have
+            "epoch_losses": None if self._epoch_sums is None else {"sums": self._epoch_sums.to("cpu", copy=True),
+                                                                   "count": self._epoch_count},
         }
         if with_replay:
             d["replay"] = self.replay.state_dict()
@@ -408,6 +415,9 @@ class MTSAC:
         self.critic_method.load_state_dict(d["critic_method"])
         self.actor_combiner.load_state_dict(d["actor_combiner"])
         self.critic_combiner.load_state_dict(d["critic_combiner"])
+        if self._epoch_sums is not None and d.get("epoch_losses") is not None:
+            self._epoch_sums.copy_(d["epoch_losses"]["sums"])
+            self._epoch_count = d["epoch_losses"]["count"]
         if "sample_gen" in d:  # rank-local: absent on ranks > 0 of a data-parallel resume
             self.sample_gen.set_state(d["sample_gen"])
         self.n_updates = d["n_updates"]

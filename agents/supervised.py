@@ -4,7 +4,8 @@ One command runs the whole pipeline of an architecture method on a benchmark ada
 
 1. **Search** (methods that search, ``arch.search_steps`` > 0): ``arch.search_steps``
    calls of :func:`mtrl_arch.steps.search_step` on the method's search network, one
-   training batch each (epochs of ``train.limit_batches`` batches at most). Methods with
+   training batch each (``train.limit_batches``, when set, caps the steps as it caps each
+   retrain epoch's batches: a smoke run searches one short epoch). Methods with
    architecture parameters take their held-out batches from ``arch.val_fraction`` of
    the training split (CoNAL's 80/20), the rest trains the weights; methods without
    (Recon, LTB) use all of it. The weights use the run's optimiser at a constant rate.
@@ -31,12 +32,17 @@ tasks where every task has the metric, and ``eval/delta_m`` / ``val/delta_m`` (D
 search network); ``time/wall_s`` (training time summed over resumed sessions).
 
 Checkpoints (``checkpoints/ckpt-<step>.pt``, atomic) every ``train.checkpoint_every``
-epochs (search epochs too), at the end of the search and of the run, and on SIGINT/SIGTERM.
-Batches are a pure function of (seed, epoch, position) and the RNG state is saved, so
-``mtrl-arch train --resume RUN_DIR`` continues exactly where the checkpoint was taken
-(mid-epoch after a signal). One approximation: schedules that methods set in
-``on_step`` (AdaShare's temperature, LTB's warm-up) take the build-time value for the
-first step after a resume, until ``on_step`` runs again.
+epochs (search epochs too), at the end of the search and of the run, and on SIGINT/SIGTERM:
+a signal stops training or the search at the end of the current step, an evaluation at its
+next batch (abandoned: the checkpoint holds the state after the epoch's last step, and a
+resumed run ends that epoch, evaluation included, again). Batches are a pure function of
+(seed, epoch, position) and the RNG state is saved, so ``mtrl-arch train --resume RUN_DIR``
+continues exactly where the checkpoint was taken (mid-epoch after a signal), the methods'
+step schedules (AdaShare's temperature and curriculum, LTB's warm-up and temperature)
+included. A resume follows RL's rules (:mod:`mtrl_arch.run`'s resume helpers, which both
+loops call): a damaged newest checkpoint is moved aside and the previous one used, and one
+made with other values of the config fields that fix its contents (``data.name``,
+``model.backbone``, ... :data:`mtrl_arch.run.RESUME_KEYS`) is refused in one line.
 
 Data-parallel (``torchrun ... mtrl-arch train``; :mod:`mtrl_arch.distributed`): every rank
 draws the same global batch and trains on its slice, gradients (per-task rows of shared
@@ -54,6 +60,7 @@ import contextlib
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
 
@@ -61,17 +68,20 @@ import torch
 from torch import Tensor, nn
 
 from mtrl_arch import distributed
-from mtrl_arch.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from mtrl_arch.checkpoint import NonFiniteError, load_latest, rng_preserved, rng_state, save_checkpoint, set_rng_state
 from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.logger import Logger, progress_bar, read_metrics
 from mtrl_arch.metrics import delta_m
-from mtrl_arch.run import resolve_device, seed_everything, write_arch, write_run_info
+from mtrl_arch.run import (check_resume_key, find_resume_checkpoint, resolve_device, restore_schedules, resume_key,
+                           seed_everything, write_arch, write_run_info)
 from mtrl_arch.search import TrunkSpec, make_method
 from mtrl_arch.steps import search_step, weight_parameters, weight_step
 from mtrl_arch.tree import Tree
 from mtrl_arch.trunk import Trunk
 from mtrl_arch.update import GradientCombiner
 from mtrl_arch.weighting import make_weighting
+
+from .rl_loop import StopRequested
 
 
 class Data(Protocol):
@@ -96,10 +106,6 @@ class Adapter(Protocol):
     def inputs(self, batch: dict) -> tuple[Tensor, Tensor | None]: ...  # (x, aux)
     def losses(self, outputs: Tensor, batch: dict) -> Tensor: ...       # [T]
     def metrics(self) -> Any: ...   # .update(outputs, batch); .compute() -> {task: {metric: value}}
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 RUN_FORMAT = "mtrl-arch/supervised-run"
@@ -202,8 +208,11 @@ class SupervisedRun:
         self.run_dir, self.logger, self.progress = run_dir, logger, progress
         self.tasks = tuple(adapter.tasks)
         T = len(self.tasks)
-        self.method = make_method(cfg.arch.method, adapter.spec, cfg.arch.options, cfg.seed)
+        self.method = make_method(cfg.arch.method, adapter.spec, cfg.arch.options, cfg.seed, derive=cfg.arch)
         self.searching = self.method.searches and cfg.arch.search_steps > 0
+        # train.limit_batches (smoke runs) caps the search's steps as it caps each retrain epoch's batches
+        lim = cfg.train.limit_batches
+        self.search_steps = min(cfg.arch.search_steps, lim) if lim else cfg.arch.search_steps
         self.combiner = GradientCombiner(make_weighting(cfg.weighting.method, n_tasks=T, **cfg.weighting.options),
                                          cfg.arch.conflict_noticed, cfg.arch.cn_variant, cfg.arch.track_conflicts_every,
                                          cn_fraction=cfg.arch.cn_fraction)
@@ -323,7 +332,7 @@ class SupervisedRun:
     def learn(self) -> None:
         cfg = self.cfg
         bs, lim = cfg.train.batch_size, cfg.train.limit_batches
-        total = self.step + max(0, cfg.arch.search_steps - self.search_done if self.searching else 0) \
+        total = self.step + max(0, self.search_steps - self.search_done if self.searching else 0) \
             + max(0, cfg.train.epochs - self.epoch) * self.adapter.train.n_batches(bs, lim) - self.pos
         bar = progress_bar(self.progress, total, self.step)
         flag: dict = {}
@@ -334,6 +343,11 @@ class SupervisedRun:
                 self._search(bs, lim, bar, flag)
             if not self.searching and not flag.get("stop"):
                 self._retrain(bs, lim, bar, flag)
+            final = not flag.get("stop") and not self.last_eval  # e.g. train.epochs=0: evaluate what was derived
+            if final:
+                self._tick()
+                with contextlib.suppress(StopRequested):  # abandoned: saved below, a resumed run evaluates
+                    self._log(self.evaluate(flag))
         if bar is not None:
             bar.close()
         self.stopped_by = flag.get("stop")
@@ -342,9 +356,7 @@ class SupervisedRun:
             self.save()
             if distributed.is_main():
                 print(f"stopped by {self.stopped_by}; resume with `mtrl-arch train --resume {self.run_dir}`", file=sys.stderr)
-        elif not self.last_eval:  # e.g. train.epochs=0: evaluate what was derived
-            self._tick()
-            self._log(self.evaluate())
+        elif final:
             self.save()
 
     def _search(self, bs: int, lim: int, bar, flag: dict) -> None:
@@ -365,9 +377,9 @@ class SupervisedRun:
                 self.pos += 1
                 if bar is not None:
                     bar.update(1)
-                if self.search_done >= cfg.arch.search_steps or self._stop_now(flag):
+                if self.search_done >= self.search_steps or self._stop_now(flag):
                     break
-            finished = self.search_done >= cfg.arch.search_steps
+            finished = self.search_done >= self.search_steps
             if self.pos < n and not finished:
                 return  # stopped by a signal mid-epoch
             self.search_epoch += 1
@@ -399,12 +411,24 @@ class SupervisedRun:
                     break
             if self.pos < n:
                 return  # stopped by a signal mid-epoch
+            last = self.epoch + 1 == cfg.train.epochs
+            ev: dict[str, float] = {}
+            if last or (cfg.eval.every_epochs and (self.epoch + 1) % cfg.eval.every_epochs == 0):
+                # evaluated before the epoch ends (counter, loss record, DWA, lr step): a stop abandons the
+                # evaluation and leaves the state after the epoch's last step, which learn() saves
+                self._epoch_mean("train")  # a diverged epoch stops here, not after evaluating NaNs
+                try:
+                    ev = self.evaluate(flag)
+                except StopRequested:
+                    return
             self.epoch += 1
             rec = self._epoch_record("train")
-            self.sched.step()
-            last = self.epoch == cfg.train.epochs
-            if last or (cfg.eval.every_epochs and self.epoch % cfg.eval.every_epochs == 0):
-                rec.update(self.evaluate())
+            # a run resumed after a stop in the evaluation ends the epoch before this process's first optimiser
+            # step, which torch's schedulers warn of; the schedule comes from the checkpoint, nothing is skipped
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+                self.sched.step()
+            rec.update(ev)
             self._tick()
             rec["time/wall_s"] = self.wall
             self._log(rec)
@@ -415,13 +439,18 @@ class SupervisedRun:
             if flag.get("stop"):
                 return
 
-    def _epoch_record(self, phase: str) -> dict[str, Any]:
+    def _epoch_mean(self, phase: str) -> Tensor:
+        """The epoch's mean per-task losses; NonFiniteError (CLI exit 3) when one is not finite."""
         mean = self.sums / max(self.count, 1)
         if distributed.active():  # the mean over every rank's examples (DWA reads it too)
             (mean,) = distributed.all_reduce_mean([mean])
         if not torch.isfinite(mean).all():
             raise NonFiniteError(f"non-finite {phase} loss at step {self.step} ({mean.tolist()}); "
                                  "the last good checkpoint is kept")
+        return mean
+
+    def _epoch_record(self, phase: str) -> dict[str, Any]:
+        mean = self._epoch_mean(phase)
         self.combiner.weighting.end_epoch(mean)
         vals = mean.tolist()
         rec: dict[str, Any] = {f"{phase}/loss/{t}": v for t, v in zip(self.tasks, vals)}
@@ -432,6 +461,8 @@ class SupervisedRun:
         rec["time/wall_s"] = self.wall
         if self.combiner.stats.steps:
             rec.update(self.combiner.stats.summary())
+        if phase == "search":
+            rec.update(self.method.arch_values())
         self.sums.zero_()
         self.count = 0
         return rec
@@ -442,7 +473,10 @@ class SupervisedRun:
 
     # ---- evaluation -------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    @rng_preserved()  # the training's random streams go on as if no evaluation ran (see rng_preserved)
+    def evaluate(self, stop: dict | None = None) -> dict[str, float]:
+        """Metrics on the validation and test splits. With the loop's stop flag, a stop request
+        (SIGINT/SIGTERM) abandons it before the next batch with :class:`StopRequested`."""
         cfg, a = self.cfg, self.adapter
         bs = cfg.eval.batch_size or cfg.train.batch_size
         was = self.net.training
@@ -456,6 +490,8 @@ class SupervisedRun:
                     continue
                 acc = a.metrics()
                 for batch in data.batches(bs, False, 0, 0, cfg.eval.limit_batches, 0, cfg.data.num_workers):
+                    if stop is not None and self._stop_now(stop):  # data-parallel: every rank evaluates every batch
+                        raise StopRequested
                     batch = self._to(batch)
                     x, aux = a.inputs(batch)
                     with self._amp():
@@ -488,21 +524,29 @@ class SupervisedRun:
                 "net": self.net.state_dict(), "opt": self.opt.state_dict(),
                 "sched": None if self.sched is None else self.sched.state_dict(),
                 "method": self.method.state_dict() if self.searching else None,
-                "combiner": self.combiner.state_dict(), "rng": rng_state()}
+                "combiner": self.combiner.state_dict(), "rng": rng_state(), "meta": resume_key(self.cfg)}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if d.get("format") != RUN_FORMAT:
             raise ConfigError("the checkpoint is not a supervised run's; resume it with the command that made it")
-        if not d["searching"] and (self.searching or self.tree is None or self.tree.to_dict() != d["tree"]):
-            self.searching = False
-            self._build(False, Tree.from_dict(d["tree"]))
-        self.net.load_state_dict(d["net"])
-        self.opt.load_state_dict(d["opt"])
-        if self.sched is not None and d["sched"] is not None:
-            self.sched.load_state_dict(d["sched"])
-        if self.searching and d["method"] is not None:
-            self.method.load_state_dict(d["method"])
-        self.combiner.load_state_dict(d["combiner"])
+        where = f"the checkpoint at step {d['step']}"
+        check_resume_key(d.get("meta"), self.cfg, where)  # every rank checks: all of them stop
+        try:
+            if not d["searching"] and (self.searching or self.tree is None or self.tree.to_dict() != d["tree"]):
+                self.searching = False
+                self._build(False, Tree.from_dict(d["tree"]))
+            self.net.load_state_dict(d["net"])
+            self.opt.load_state_dict(d["opt"])
+            if self.sched is not None and d["sched"] is not None:
+                self.sched.load_state_dict(d["sched"])
+            if self.searching and d["method"] is not None:
+                self.method.load_state_dict(d["method"])
+            self.combiner.load_state_dict(d["combiner"])
+        except (KeyError, RuntimeError, ValueError) as e:  # shapes/keys of another config or version
+            raise ConfigError(f"{where} does not fit this config or "
+                              f"mtrl-arch version ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        if self.searching:  # methods' schedules count search steps (see mtrl_arch.run.restore_schedules)
+            restore_schedules((self.method,), d["search_done"])
         for k in ("step", "search_done", "search_epoch", "epoch", "pos", "val_pos", "count", "wall"):
             setattr(self, k, d[k])
         self.sums = d["sums"].to(self.device)
@@ -514,7 +558,8 @@ class SupervisedRun:
         if self.run_dir is not None:
             if self.logger is not None:
                 self.logger.flush()
-            save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints)
+            save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints,
+                            meta=resume_key(self.cfg))
 
     def save_model(self, path: Path) -> None:
         torch.save({"format": MODEL_FORMAT, "version": 1, "config": self.cfg.to_dict(), "tasks": list(self.tasks),
@@ -543,7 +588,7 @@ def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress:
     adapter = make_adapter(cfg)  # bad config or missing data fail here, before anything is written
     # data-parallel (torchrun): every rank trains, rank 0 alone reads and writes the run directory
     main = distributed.is_main()
-    found = load_latest(run_dir / "checkpoints") if resume and main else None
+    found = find_resume_checkpoint(run_dir) if resume and main else None
     if resume and distributed.active():
         found = distributed.broadcast_object(found)
     if distributed.active() and cfg.train.batch_size % distributed.world_size() and main:
@@ -553,7 +598,7 @@ def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress:
         extra = {"world_size": distributed.world_size()} if distributed.active() else {}
         write_run_info(run_dir, cfg, {"data": adapter.info, **extra})
     logger = Logger(run_dir, cfg.wandb, {**cfg.to_dict(), "data_info": adapter.info}, run_dir.name,
-                    resume_step=found[0] if found else (0 if resume else None)) if main else None
+                    resume_step=found[0] if found else (-1 if resume else None)) if main else None  # -1: restart
     run = SupervisedRun(cfg, adapter, device, run_dir if main else None, logger, progress and main)
     if found is not None:
         run.load_state_dict(found[1])

@@ -57,6 +57,8 @@ __all__ = [
     "BENCHMARKS",
     "benchmark_tasks",
     "resolve_tasks",
+    "observation_dim",
+    "ACTION_DIM",
     "make_benchmark",
     "MetaWorldMT",
     "evaluate",
@@ -94,6 +96,12 @@ _BENCHMARK_CACHE: dict[tuple[str, int], Any] = {}
 
 ACTION_DIM = 4
 _BASE_OBS_DIM = 39
+
+
+def observation_dim(n_tasks: int, one_hot: bool = True) -> int:
+    """The observation size of an ``n_tasks``-task :class:`MetaWorldMT` (39, plus the task one-hot),
+    known without building an environment."""
+    return _BASE_OBS_DIM + (n_tasks if one_hot else 0)
 
 
 def _versions() -> dict[str, str]:
@@ -339,7 +347,7 @@ class MetaWorldMT:
 
         space = self._envs.single_observation_space
         self.observation_dim = int(np.prod(space.shape))
-        assert self.observation_dim == _BASE_OBS_DIM + (self.n_tasks if self.one_hot else 0)
+        assert self.observation_dim == observation_dim(self.n_tasks, self.one_hot)
         act = self._envs.single_action_space
         self.action_dim = int(np.prod(act.shape))
         self.action_low = np.asarray(act.low, dtype=np.float32)

@@ -15,9 +15,12 @@ to know about one benchmark, and nothing about training:
   ``lower_is_better[task][metric]``.
 
 The loop is duck-typed against these attributes (agents/ never imports envs/; build.py
-hands :func:`make_adapter` to the loop). This file holds the registry, the option
-classes and the Multi-* and CelebA adapters; NYUv2/CityScapes are in
-:mod:`.supervised_scenes`, GLUE in :mod:`.supervised_glue`.
+hands :func:`make_adapter` to the loop). This file holds the registry and the Multi-* and
+CelebA adapters; NYUv2/CityScapes are in :mod:`.supervised_scenes`, GLUE in
+:mod:`.supervised_glue`, and what all of them share (the adapter record, the option
+classes, tied initialisation) in :mod:`.supervised_common`, which they import (never
+each other). :func:`make_spec` gives an adapter's trunk spec without loading data
+(``mtrl-arch train --dry-run`` counts its parameters).
 
 Benchmarks (``data.name``), their tasks and backbones (``model.backbone``):
 
@@ -58,93 +61,23 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from mtrl_arch import metrics as M
 from mtrl_arch.config import Config, ConfigError, fits_default
 from mtrl_arch.search.base import TrunkSpec
 
-from .backbones import StageSpec, classification_heads, lenet_stages, resnet18_stages
+from .backbones import classification_heads, lenet_stages, resnet18_stages
+from .supervised_common import (DEFAULT_ROOTS, CelebAData, GlueData, LeNetModel, MultiDigitData, ResNetModel, SceneData,
+                                TaskAdapter, TransformerModel, _lib, _spec, data_root, tied)
 from .supervised_data import DatasetData, TensorData, subset_indices
 
-
-@dataclass
-class TaskAdapter:
-    name: str
-    tasks: tuple[str, ...]
-    spec: TrunkSpec
-    shared_input: bool
-    train: Any
-    val: Any | None
-    test: Any
-    inputs: Callable[[dict], tuple[Tensor, Tensor | None]]
-    losses: Callable[[Tensor, dict], Tensor]
-    metrics: Callable[[], Any]
-    lower_is_better: dict[str, dict[str, bool]]
-    info: dict = field(default_factory=dict)
-
-
-# ---- options ------------------------------------------------------------------------------------
-@dataclass
-class MultiDigitData:
-    cache_dir: str = ""       # keep the generated composites here as .npz (empty: regenerate, ~4 s)
-    generator_seed: int = 0   # seed of the composites and of the validation split (fixed across run seeds)
-    train_subset: int = 0     # use a seeded subset of this many training examples (0: all)
-    eval_subset: int = 0      # likewise for the validation and test sets
-    check_counts: bool = True  # false: accept IDX files holding a subset (e.g. tests/fixtures/data)
-
-
-@dataclass
-class CelebAData:
-    image_size: list = field(default_factory=list)  # [h, w]: resize JPEGs (npy images must have their size already)
-    image_source: str = "auto"  # auto | jpg | npy
-    train_subset: int = 0
-    eval_subset: int = 0
-
-
-@dataclass
-class SceneData:
-    n_classes: int = 7        # CityScapes only: 7 (MTAN/LibMTL) or 19
-    train_subset: int = 0
-    eval_subset: int = 0
-
-
-@dataclass
-class GlueData:
-    vocab_size: int = 8000    # WordPiece vocabulary learned on the chosen tasks' training text
-    min_frequency: int = 2
-    max_len: int = 128        # tokens per example, [CLS] and [SEP] included
-    train_subset: int = 0     # per task
-    eval_subset: int = 0      # per task
-
-
-@dataclass
-class LeNetModel:
-    tied_init: bool = True
-
-
-@dataclass
-class ResNetModel:
-    width: int = 64           # channels of the first stage (64: ResNet-18)
-    out_features: int = 100   # classification: the shared 512 -> 100 layer (Recon); dense: head hidden width
-    tied_init: bool = True
-
-
-@dataclass
-class TransformerModel:
-    d_model: int = 128
-    n_heads: int = 4
-    d_ff: int = 256
-    n_layers: int = 4
-    dropout: float = 0.1
-    tied_init: bool = True
+__all__ = ["BENCHMARKS", "MODELS", "DEFAULT_ROOTS", "TaskAdapter", "check_config", "data_root", "make_adapter", "make_spec",
+           "tied", "MultiDigitData", "CelebAData", "SceneData", "GlueData", "LeNetModel", "ResNetModel",
+           "TransformerModel"]
 
 
 def _options(cls: type, raw: dict, where: str) -> Any:
@@ -175,8 +108,6 @@ BENCHMARKS: dict[str, dict[str, Any]] = {
     "glue": {"tasks": ("CoLA", "SST-2", "MRPC", "RTE", "STS-B"), "backbones": ("transformer",), "data": GlueData},
 }
 MODELS = {"lenet": LeNetModel, "resnet18": ResNetModel, "transformer": TransformerModel}
-DEFAULT_ROOTS = {"multi_mnist": "data", "multi_fashion": "data", "multi_fashion_mnist": "data", "glue": "data",
-                 "celeba": "data/celeba", "nyuv2": "data/nyuv2", "cityscapes": "data/cityscapes"}
 
 
 def check_config(cfg: Config) -> tuple[Any, Any, tuple[str, ...]]:
@@ -209,10 +140,6 @@ def check_config(cfg: Config) -> tuple[Any, Any, tuple[str, ...]]:
     return data_opts, model_opts, tasks
 
 
-def data_root(cfg: Config) -> Path:
-    return Path(os.path.expandvars(os.path.expanduser(cfg.data.root or DEFAULT_ROOTS[cfg.data.name])))
-
-
 def make_adapter(cfg: Config) -> TaskAdapter:
     """The adapter for ``cfg.data.name``; raises ConfigError (bad config) or DataError (missing data)."""
     data_opts, model_opts, tasks = check_config(cfg)
@@ -225,40 +152,25 @@ def make_adapter(cfg: Config) -> TaskAdapter:
     return build(cfg, data_opts, model_opts, tasks)
 
 
-# ---- shared pieces ----------------------------------------------------------------------------------
-def tied(factory: Callable[[int], nn.Module], seed: int) -> Callable[[int], nn.Module]:
-    """A stage factory whose every module copy starts from one set of weights (drawn once, from ``seed``)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        template = {k: v.detach().clone() for k, v in factory(1).state_dict().items()}
+def make_spec(cfg: Config) -> TrunkSpec | None:
+    """The trunk spec :func:`make_adapter` builds for ``cfg``, without loading any data; None where the
+    data decides the network (GLUE: the vocabulary, hence the embedding, is learned from the training text)."""
+    data_opts, model_opts, tasks = check_config(cfg)
+    if cfg.data.name in ("nyuv2", "cityscapes"):
+        from .supervised_scenes import scene_spec
 
-    def make(n: int) -> nn.Module:
-        bank = factory(n)
-        with torch.no_grad():
-            for k, v in bank.state_dict().items():  # views of the parameters and buffers
-                if v.shape[:1] != (n,):
-                    raise ValueError(f"tied init needs module-stacked tensors; {k} has shape {tuple(v.shape)}")
-                v.copy_(template[k].expand_as(v))
-        return bank
-
-    spec = StageSpec(make, getattr(factory, "name", "stage") + " (tied)", getattr(factory, "residual_shaped", False))
-    return spec
+        return scene_spec(cfg, data_opts, model_opts, tasks)
+    if cfg.data.name == "glue":
+        return None
+    return _classification_spec(cfg, model_opts, tasks, *((3, 2) if cfg.data.name == "celeba" else (1, 10)))
 
 
-def _spec(tasks, stages: list, heads, model_opts, seed: int) -> TrunkSpec:
-    residual = tuple(bool(getattr(f, "residual_shaped", False)) for f in stages)
-    if getattr(model_opts, "tied_init", False):
-        stages = [tied(f, seed * 1000 + s) for s, f in enumerate(stages)]
-    return TrunkSpec(tuple(tasks), stages, heads, residual=residual, name="trunk")
-
-
-def _slice(out: Tensor, t: int, width: int) -> Tensor:
-    """Task t's outputs: the first ``width`` channels of its head (dim 2 of ``[T, B, C, ...]``)."""
-    return out[t, :, :width]
-
-
-def _lib(tasks, metric_names: dict[str, tuple[str, ...]]) -> dict[str, dict[str, bool]]:
-    return {t: {m: M.LOWER_IS_BETTER[m] for m in metric_names[t]} for t in tasks}
+def _classification_spec(cfg: Config, m: Any, tasks, in_channels: int, n_classes: int) -> TrunkSpec:
+    if cfg.model.backbone == "lenet":
+        stages, heads = lenet_stages(), classification_heads(50, n_classes)
+    else:
+        stages, heads = resnet18_stages(in_channels, m.width, m.out_features), classification_heads(m.out_features, n_classes)
+    return _spec(tasks, stages, heads, m, cfg.seed)
 
 
 class ClassificationMetrics:
@@ -276,10 +188,6 @@ class ClassificationMetrics:
 
     def compute(self) -> dict[str, dict[str, float]]:
         return {t: {"accuracy": float(self.correct[i] / max(self.n, 1))} for i, t in enumerate(self.tasks)}
-
-
-def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
-    return (x * m).sum() / m.sum().clamp_min(1)
 
 
 def _classification_losses(out: Tensor, batch: dict) -> Tensor:
@@ -306,12 +214,8 @@ def _multi_digit(cfg: Config, o: MultiDigitData, m: Any, tasks) -> TaskAdapter:
     tr_idx = tr_idx[subset_indices(len(tr_idx), o.train_subset, o.generator_seed)]
     va_idx = va_idx[subset_indices(len(va_idx), o.eval_subset, o.generator_seed + 1)]
     te_idx = subset_indices(len(te), o.eval_subset, o.generator_seed + 2)
-    if cfg.model.backbone == "lenet":
-        stages, heads = lenet_stages(), classification_heads(50, 10)
-    else:
-        stages, heads = resnet18_stages(1, m.width, m.out_features), classification_heads(m.out_features, 10)
     return TaskAdapter(
-        cfg.data.name, tasks, _spec(tasks, stages, heads, m, cfg.seed), True,
+        cfg.data.name, tasks, _classification_spec(cfg, m, tasks, 1, 10), True,
         data(tr, tr_idx), data(tr, va_idx) if len(va_idx) else None, data(te, te_idx),
         inputs=lambda b: (b["x"].float().div_(255.0), None),
         losses=_classification_losses, metrics=lambda: ClassificationMetrics(tasks),
@@ -347,9 +251,8 @@ def _celeba(cfg: Config, o: CelebAData, m: ResNetModel, tasks) -> TaskAdapter:
 
     tr, va, te = (data(sets["train"], o.train_subset, 0), data(sets["valid"], o.eval_subset, 1),
                   data(sets["test"], o.eval_subset, 2))
-    stages, heads = resnet18_stages(3, m.width, m.out_features), classification_heads(m.out_features, 2)
     return TaskAdapter(
-        "celeba", tasks, _spec(tasks, stages, heads, m, cfg.seed), True, tr, va if len(va) else None, te,
+        "celeba", tasks, _classification_spec(cfg, m, tasks, 3, 2), True, tr, va if len(va) else None, te,
         inputs=lambda b: (b["x"], None), losses=_classification_losses, metrics=lambda: ClassificationMetrics(tasks),
         lower_is_better=_lib(tasks, {t: ("accuracy",) for t in tasks}),
         info={"root": str(root), "sizes": {"train": len(tr), "val": len(va), "test": len(te)}},

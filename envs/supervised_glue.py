@@ -14,7 +14,7 @@ from torch import Tensor
 from mtrl_arch.config import Config
 
 from .backbones import classification_heads, transformer_stages
-from .supervised import GlueData, TaskAdapter, TransformerModel, _lib, _masked_mean, _spec, data_root
+from .supervised_common import GlueData, TaskAdapter, TransformerModel, _lib, _masked_mean, _spec, data_root
 from .supervised_data import PerTaskData, TensorData, subset_indices
 
 

@@ -12,11 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtrl_arch import metrics as M
 from mtrl_arch.config import Config, ConfigError
+from mtrl_arch.search.base import TrunkSpec
 
+from . import vision_metrics as VM
 from .backbones import ConvStageBank, ResNetBasicBlockBank, StageSpec
-from .supervised import ResNetModel, SceneData, TaskAdapter, _lib, _masked_mean, _slice, _spec, data_root
+from .supervised_common import ResNetModel, SceneData, TaskAdapter, _lib, _masked_mean, _slice, _spec, data_root
 from .supervised_data import DatasetData, subset_indices
 
 
@@ -68,7 +69,7 @@ class SceneMetrics:
 
     def __init__(self, tasks, widths: dict[str, int]):
         self.tasks, self.widths = tasks, widths
-        self.conf = M.ConfusionMatrix(widths["segmentation"], ignore_index=-1) if "segmentation" in tasks else None
+        self.conf = VM.ConfusionMatrix(widths["segmentation"], ignore_index=-1) if "segmentation" in tasks else None
         self.depth = torch.zeros(3, dtype=torch.float64)  # sum |e|, sum |e|/t, count
         self.angles: list[Tensor] = []
 
@@ -107,18 +108,40 @@ SCENE_METRICS = {"segmentation": ("miou", "pixel_acc"), "depth": ("abs_err", "re
                  "normal": ("mean", "median", "within_11.25", "within_22.5", "within_30")}
 
 
+def _check(cfg: Config, o: SceneData) -> None:
+    if cfg.data.name == "cityscapes" and o.n_classes not in (7, 19):
+        raise ConfigError(f"data.options.n_classes must be 7 or 19; got {o.n_classes}")
+
+
+def _widths(n_classes: int) -> dict[str, int]:
+    return {"segmentation": n_classes, "depth": 1, "normal": 3}
+
+
+def scene_spec(cfg: Config, o: SceneData, m: ResNetModel, tasks, n_classes: int | None = None) -> TrunkSpec:
+    """The trunk: the dense ResNet-18 encoder and per-task dense heads of the widest task's width. Needs no data:
+    ``n_classes`` defaults to NYUv2's 13 classes or CityScapes' ``data.options.n_classes``."""
+    _check(cfg, o)
+    if n_classes is None:
+        from .vision import NYUv2
+
+        n_classes = NYUv2.n_classes if cfg.data.name == "nyuv2" else o.n_classes
+    widths, w = _widths(n_classes), m.width
+    heads = StageSpec(lambda n: DenseHeadBank(n, 8 * w, m.out_features, max(widths[t] for t in tasks)),
+                      f"dense heads {8 * w}->{m.out_features}->max width")
+    return _spec(tasks, dense_resnet18_stages(3, w), heads, m, cfg.seed)
+
+
 def build_scenes(cfg: Config, o: SceneData, m: ResNetModel, tasks) -> TaskAdapter:
     from .vision import CityScapes, NYUv2
 
     root = data_root(cfg)
+    _check(cfg, o)
     if cfg.data.name == "nyuv2":
         sets = {s: NYUv2(root, s) for s in ("train", "val")}
     else:
-        if o.n_classes not in (7, 19):
-            raise ConfigError(f"data.options.n_classes must be 7 or 19; got {o.n_classes}")
         sets = {s: CityScapes(root, s, o.n_classes) for s in ("train", "val")}
     n_classes = sets["train"].n_classes
-    widths = {"segmentation": n_classes, "depth": 1, "normal": 3}
+    widths = _widths(n_classes)
 
     def collate(items):
         out = {"x": torch.stack([x for x, _ in items])}
@@ -133,9 +156,6 @@ def build_scenes(cfg: Config, o: SceneData, m: ResNetModel, tasks) -> TaskAdapte
     te = te.subset(subset_indices(len(te), o.eval_subset, 2))
     if va is not None:
         va = va.subset(subset_indices(len(va), o.eval_subset, 1))
-    w = m.width
-    heads = StageSpec(lambda n: DenseHeadBank(n, 8 * w, m.out_features, max(widths[t] for t in tasks)),
-                      f"dense heads {8 * w}->{m.out_features}->max width")
 
     def losses(out: Tensor, batch: dict) -> Tensor:
         ls = []
@@ -153,7 +173,7 @@ def build_scenes(cfg: Config, o: SceneData, m: ResNetModel, tasks) -> TaskAdapte
         return torch.stack(ls)
 
     return TaskAdapter(
-        cfg.data.name, tasks, _spec(tasks, dense_resnet18_stages(3, w), heads, m, cfg.seed), True, tr, va, te,
+        cfg.data.name, tasks, scene_spec(cfg, o, m, tasks, n_classes), True, tr, va, te,
         inputs=lambda b: (b["x"], None), losses=losses, metrics=lambda: SceneMetrics(tasks, widths),
         lower_is_better=_lib(tasks, SCENE_METRICS),
         info={"root": str(root), "n_classes": n_classes,

@@ -9,13 +9,18 @@ and the end, the CPU, thread count, library versions and seeds are part of every
 
 ``--json`` prints one JSON object (``out=PATH`` also writes it); without it, a table.
 Options are ``key=value`` (YAML values, lists as ``[4,8]``); each benchmark's options are
-the fields of its ``*Options`` dataclass below (``trunk``) or in :mod:`mtrl_arch.bench_rl`.
+the fields of its ``*Options`` dataclass below (``trunk``) or in :mod:`mtrl_arch.agents.bench_rl`.
+
+This module is domain-free: the timing helpers, the printing and the ``trunk`` benchmark.
+The RL benchmarks import the agent and the environments, so they live with the adapters
+(:mod:`mtrl_arch.agents.bench_rl`); :func:`mtrl_arch.build.benchmarks` joins the two
+registries for the CLI.
 
 * ``trunk``: one weight step (forward, backward, Adam) of a 10-task trunk for HPS, STL
   (batched), a derived CoNAL tree and CoNAL's search network with and without the
   conflict-noticed operation, as ratios to HPS; and CoNAL-Pro's search cost per stage
   for 4..32 synthetic tasks.
-* ``sac-update``, ``stl-vs-mt``, ``env``: see :mod:`mtrl_arch.bench_rl`.
+* ``sac-update``, ``stl-vs-mt``, ``env``, ``gpu``: see :mod:`mtrl_arch.agents.bench_rl`.
 """
 from __future__ import annotations
 
@@ -300,16 +305,13 @@ def render(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _registry() -> dict[str, tuple[type, Callable[[Any], dict]]]:
-    from . import bench_rl
-
-    out = {"trunk": (TrunkOptions, bench_trunk)}
-    out.update(bench_rl.BENCHES)
-    return out
+BENCHES: dict[str, tuple[type, Callable[[Any], dict]]] = {"trunk": (TrunkOptions, bench_trunk)}
 
 
-def main(what: str, json_flag: bool, options: list[str]) -> int:
-    reg = _registry()
+def main(what: str, json_flag: bool, options: list[str],
+         benches: dict[str, tuple[type, Callable[[Any], dict]]] | None = None) -> int:
+    """Run benchmark ``what`` of ``benches`` (name -> (options dataclass, function); default :data:`BENCHES`)."""
+    reg = BENCHES if benches is None else benches
     if what not in reg:
         near = difflib.get_close_matches(what, reg, n=1)
         raise ConfigError(f"unknown benchmark {what!r}" + (f" (did you mean {near[0]!r}?)" if near else "")

@@ -1,6 +1,8 @@
 """Composition root: a validated config -> environment or data, networks, method, logger, loop.
 
-The only module (with the CLI) that knows every domain; the core below it does not.
+The only module (with the CLI) that knows every domain; the core below it does not. Also
+the networks' parameter counts without an environment or data (``train --dry-run``) and
+``mtrl-arch bench``'s registry (the core's trunk benchmark and the RL adapters').
 """
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import load_latest
-from .config import Config, ConfigError
+from .config import Config, ConfigError, config_from_dict
 from .logger import Logger
-from .run import resolve_device, seed_everything, write_arch, write_run_info
+from .run import find_resume_checkpoint, resolve_device, seed_everything, write_arch, write_run_info
 
 
 def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -31,10 +33,7 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
         return _train_sb3_stl(cfg, run_dir, tasks, device, resume, progress)
     # data-parallel (torchrun): every rank trains on its own envs, rank 0 alone reads and writes the run directory
     main = distributed.is_main()
-    found = load_latest(run_dir / "checkpoints", quarantine=True) if resume and main else None
-    if resume and main and found is None:
-        print(f"warning: {run_dir}/checkpoints holds no readable checkpoint; starting the run from the beginning",
-              file=sys.stderr)
+    found = find_resume_checkpoint(run_dir) if resume and main else None
     if resume and distributed.active():  # rank 0's checkpoint, less what only rank 0 can use (replay, episode, RNG)
         shared = distributed.broadcast_object(None if found is None else (found[0], shared_state(found[1])))
         found = found if main else shared
@@ -102,7 +101,7 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
 
 def eval_rl(run_dir: Path, episodes: int | None, cfg: Config) -> dict[str, Any]:
     from .agents.sac import MTSAC
-    from .envs.metaworld import evaluate, resolve_tasks
+    from .envs.metaworld import ACTION_DIM, evaluate, observation_dim, resolve_tasks
 
     model = run_dir / "model.pt"
     found = None
@@ -122,7 +121,7 @@ def eval_rl(run_dir: Path, episodes: int | None, cfg: Config) -> dict[str, Any]:
         if found is None:
             raise ConfigError(f"{run_dir} has neither model.pt nor a readable checkpoint to evaluate")
         tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
-        agent = MTSAC(tasks, 39 + len(tasks), 4, cfg, resolve_device(cfg.device))
+        agent = MTSAC(tasks, observation_dim(len(tasks)), ACTION_DIM, cfg, resolve_device(cfg.device))
         agent.load_state_dict(found[1]["agent"])
     res = evaluate(lambda o: agent.act(o, deterministic=True), cfg.env.name, agent.tasks, cfg.seed, episodes,
                    cfg.env.max_episode_steps or None, None, cfg.env.reward_version)
@@ -151,3 +150,53 @@ def evaluate_run(cfg: Config, run_dir: Path, episodes: int | None) -> dict[str, 
 
     return eval_supervised(cfg, run_dir, make_adapter)
 
+
+def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str]:
+    """The weight counts of the networks a run of ``cfg`` starts with, and what was counted.
+
+    Built on the CPU without an environment or data: RL's MT-SAC actor and critic (their
+    search networks while ``arch.search_steps`` > 0; the counts ``params/actor/*`` and
+    ``params/critic/*`` of a run's first log), the supervised adapter's trunk (``params/trunk/*``,
+    or ``params/search/total``). None, with the reason, where the data decides the network.
+    """
+    if cfg.domain == "rl":
+        if cfg.agent.algo == "sb3_stl":
+            return None, ("counts need the environments: agent.algo=sb3_stl trains one stable-baselines3 SAC per "
+                          "task, whose networks SB3 builds from the task's environment")
+        from .agents.sac import MTSAC
+        from .envs.metaworld import ACTION_DIM, observation_dim, resolve_tasks
+
+        try:
+            tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
+        except ValueError as e:
+            raise ConfigError(f"env.tasks: {e}") from None
+        d = cfg.to_dict()  # the counts do not depend on the device, the replay's size or compilation
+        d["device"] = "cpu"
+        d["agent"].update(buffer_size=len(tasks), compile=False)
+        agent = MTSAC(tasks, observation_dim(len(tasks)), ACTION_DIM, config_from_dict(d), "cpu")
+        what = ("the actor's and critic's search networks (arch.search_steps > 0; the derived trees are counted "
+                "when the search ends)" if agent.searching else "the actor and critic (both critics of the ensemble)")
+        return agent.param_counts(), f"{what}, {len(tasks)} tasks, obs {agent.obs_dim}, action {agent.action_dim}"
+    from .envs.supervised import make_spec
+    from .search import make_method
+    from .steps import weight_parameters
+    from .trunk import Trunk
+
+    spec = make_spec(cfg)
+    if spec is None:
+        return None, (f"counts need the data: data.name={cfg.data.name} learns its vocabulary, hence the embedding's "
+                      "size, from the training text")
+    method = make_method(cfg.arch.method, spec, cfg.arch.options, cfg.seed)
+    if method.searches and cfg.arch.search_steps > 0:
+        total = sum(p.numel() for p in weight_parameters(method.build()))
+        return ({"search": {"total": total}}, "the search network (arch.search_steps > 0; the derived tree's trunk "
+                                              "is counted when the search ends)")
+    return {"trunk": Trunk(method.derive(), spec.stages, spec.heads).param_counts()}, "the trunk of the derived tree"
+
+
+def benchmarks() -> dict[str, tuple[type, Any]]:
+    """``mtrl-arch bench``'s registry: name -> (options dataclass, function), the core's and the RL adapters'."""
+    from .agents.bench_rl import BENCHES as RL_BENCHES
+    from .bench import BENCHES
+
+    return {**BENCHES, **RL_BENCHES}

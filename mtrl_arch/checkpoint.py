@@ -16,7 +16,7 @@ removes only its own temporary file: the previous checkpoints are untouched.
 
 Public API (shared by the RL and supervised loops): :func:`save_checkpoint`,
 :func:`load_latest`, :func:`read_checkpoint`, :func:`read_header`, :func:`rng_state`,
-:func:`set_rng_state`, :func:`assert_finite`, and the errors below.
+:func:`set_rng_state`, :func:`rng_preserved`, :func:`assert_finite`, and the errors below.
 """
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ import json
 import os
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -65,6 +66,23 @@ def set_rng_state(s: dict[str, Any]) -> None:
     random.setstate(s["python"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+@contextmanager
+def rng_preserved() -> Iterator[None]:
+    """Every random stream of the process (:func:`rng_state`) on exit as it was on entry, exceptions included.
+
+    The loops evaluate inside it: an evaluation may draw (a search network samples its architecture in
+    each forward, LTB's and AdaShare's Gumbel draws in RL even for deterministic actions; a DataLoader
+    draws its workers' seed), and a run evaluated where an uninterrupted one is not (at the end of a
+    budget, then resumed with a larger one; in an evaluation abandoned by a signal) would go on
+    differently if those draws came from the training's streams.
+    """
+    s = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(s)
 
 
 # ---- finiteness -------------------------------------------------------------------------------

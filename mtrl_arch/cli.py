@@ -1,4 +1,9 @@
-"""``mtrl-arch``: train | eval | arch | bench | report | sweep. Parses, builds, runs; nothing else.
+"""``mtrl-arch``: train | eval | arch | bench | report | sweep | configs. Parses, builds, runs; nothing else.
+
+``train CONFIG [key=value ...] --dry-run`` prints the resolved config (YAML, as a run's
+config.yaml holds it) and the networks' parameter counts, then exits 0 without training
+or creating a run directory. ``configs`` lists the shipped configs with their
+descriptions (the first comment line of each YAML file).
 
 Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint;
 2 user error (bad config, missing or damaged data, bad or incompatible run directory or
@@ -24,7 +29,8 @@ EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_CHECKPOINT_WRITE = 2, 3, 4
 
 
 def _preflight(cfg) -> None:
-    """Cheap checks that need a domain module (task names), before any run directory is touched."""
+    """Cheap checks that need a domain module, before any run directory is touched or any sweep trial starts:
+    RL task names; supervised data set, tasks, ``data.options`` and ``model.options`` (no data is read)."""
     if cfg.domain == "rl":
         from .envs.metaworld import resolve_tasks
 
@@ -32,9 +38,15 @@ def _preflight(cfg) -> None:
             resolve_tasks(cfg.env.name, cfg.env.tasks or None)
         except ValueError as e:
             raise ConfigError(f"env.tasks: {e}") from None
+    else:
+        from .envs.supervised import check_config
+
+        check_config(cfg)
 
 
 def _train(args) -> int:
+    if args.dry_run:
+        return _dry_run(args)
     from . import distributed
     from .build import train
 
@@ -63,9 +75,9 @@ def _train(args) -> int:
     return 0
 
 
-def _train_setup(args, data_parallel: bool = False):
-    """The run's config and directory (a new one, or the one to resume), checked; records a resume's overrides."""
-    from .run import new_run_dir, read_run_config
+def _resolve_config(args, data_parallel: bool = False):
+    """The run's config (a resume's: the run's own with the new overrides), checked; nothing is written."""
+    from .run import check_resume_key, read_run_config, resume_key
 
     def check(cfg) -> None:
         if data_parallel and cfg.domain == "rl" and cfg.agent.algo == "sb3_stl":
@@ -78,18 +90,27 @@ def _train_setup(args, data_parallel: bool = False):
         old, _ = read_run_config(run_dir)
         cfg = load_config(None, args.overrides, base=old.to_dict())
         check(cfg)
-        if cfg.arch.method != old.arch.method or cfg.env.tasks != old.env.tasks or cfg.model.hidden != old.model.hidden:
-            raise ConfigError(f"cannot resume {run_dir} with a different arch.method, env.tasks or model.hidden; "
-                              "start a new run instead")
-        from .run import write_run_info
-
-        if args.overrides:  # e.g. a larger train.total_env_steps: record what the run now is
-            write_run_info(run_dir, cfg, {"resumed_with": list(args.overrides)})
+        # overrides may not change what the checkpoints hold: the check train makes against each checkpoint's
+        # own record (run.RESUME_KEYS), made here before config.yaml is rewritten with them
+        check_resume_key(resume_key(old), cfg, str(run_dir))
     else:
         if not args.config:
             raise ConfigError("give a config name or YAML path (e.g. `mtrl-arch train mt10_quick`), or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
         check(cfg)
+    return cfg
+
+
+def _train_setup(args, data_parallel: bool = False):
+    """The run's config and directory (a new one, or the one to resume), checked; records a resume's overrides."""
+    from .run import new_run_dir, write_run_info
+
+    cfg = _resolve_config(args, data_parallel)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if args.overrides:  # e.g. a larger train.total_env_steps: record what the run now is
+            write_run_info(run_dir, cfg, {"resumed_with": list(args.overrides)})
+    else:
         run_dir = new_run_dir(cfg)
         if (run_dir / "config.yaml").exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
@@ -97,6 +118,47 @@ def _train_setup(args, data_parallel: bool = False):
     if not args.resume:
         print(f"run directory: {run_dir}", file=sys.stderr)
     return cfg, run_dir
+
+
+def _dry_run(args) -> int:
+    """``train --dry-run``: the resolved config and the parameter counts on stdout; no training, nothing written."""
+    import yaml
+
+    from .build import param_counts
+    from .config import to_yaml
+
+    cfg = _resolve_config(args)
+    if not args.resume:  # as train would refuse it
+        from .run import new_run_dir
+
+        run_dir = new_run_dir(cfg)
+        if (run_dir / "config.yaml").exists():
+            raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
+    _preflight(cfg)
+    counts, counted = param_counts(cfg)
+    print("# the resolved config, as a run's config.yaml writes it less its run: record (dry run: nothing trained, "
+          "no run directory made)")
+    print(to_yaml(cfg), end="")
+    print("---\n# parameter counts (weights), built on the CPU without an environment or data")
+    print(yaml.safe_dump({"parameters": counts, "counted": counted}, sort_keys=False, width=1 << 16), end="")
+    return 0
+
+
+def config_description(path: Path) -> str:
+    """A config file's description: its first line, a ``# ...`` comment ("" when it has none)."""
+    with open(path, encoding="utf-8") as f:
+        first = f.readline().strip()
+    return first.lstrip("#").strip() if first.startswith("#") else ""
+
+
+def _configs(args) -> int:
+    from .config import available_configs, resolve_config_path
+
+    names = available_configs()
+    width = max(map(len, names), default=0)
+    for n in names:
+        print(f"{n:<{width}}  {config_description(resolve_config_path(n))}")
+    return 0
 
 
 def _eval(args) -> int:
@@ -122,8 +184,9 @@ def _arch(args) -> int:
 
 def _bench(args) -> int:
     from . import bench
+    from .build import benchmarks
 
-    return bench.main(args.what, args.json, args.options)
+    return bench.main(args.what, args.json, args.options, benchmarks())
 
 
 def _report(args) -> int:
@@ -158,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.total_env_steps=20000 wandb.mode=disabled")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (overrides may follow)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and the networks' parameter counts; train nothing, write nothing")
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="evaluate a trained run")
     e.add_argument("run_dir")
@@ -167,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("run_dir")
     a.add_argument("--json", action="store_true")
     a.set_defaults(fn=_arch)
-    b = sub.add_parser("bench", help="benchmarks: trunk | sac-update | stl-vs-mt | env")
+    b = sub.add_parser("bench", help="benchmarks: trunk | sac-update | stl-vs-mt | env | gpu")
     b.add_argument("what")
     b.add_argument("options", nargs="*", help="key=value options of the benchmark")
     b.add_argument("--json", action="store_true")
@@ -191,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML/JSON of published points (metric, series: [{label, points: [[step, value], ...]}]) "
                         "drawn on the mean panel and tabled against the runs")
     r.set_defaults(fn=_report)
+    c = sub.add_parser("configs", help="list the shipped configs with their descriptions")
+    c.set_defaults(fn=_configs)
     return p
 
 

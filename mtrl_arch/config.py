@@ -19,9 +19,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user error in a config file or override; the message is one line."""
+from .errors import ConfigError  # noqa: F401 (re-exported: the public place to import it from)
 
 
 class YamlLoader(yaml.SafeLoader):
@@ -59,6 +57,14 @@ class ArchConfig:
     val_fraction: float = 0.2         # share of data (RL: of the replay) held out for architecture steps
     track_conflicts_every: int = 0    # measure gradient conflicts every N updates even when nothing needs them (0: never)
     options: dict = field(default_factory=dict)  # method-specific, see the method's Options class
+    # how the final tree is read off the architecture weights (mtrl_arch/search/derive.py; each method's
+    # docstring says how it applies them): argmax (the papers' rule) or margin (share unless the more
+    # private choice wins by derive_margin in probability)
+    derive: Literal["argmax", "margin"] = "argmax"
+    derive_margin: float = 0.1
+    # > 0: the best tree by the search's scores whose trunk (shared + subgroup + specific modules, heads
+    # not counted) has at most this many parameters, per network (RL: actor and critic each); needs derive=argmax
+    max_params: int = 0
 
 
 @dataclass
@@ -84,7 +90,7 @@ class TrainConfig:
     updates_per_step: float = 1.0     # gradient steps per vector env step
     # supervised
     epochs: int = 1
-    limit_batches: int = 0            # cap on batches per epoch (0: no cap), for smoke runs
+    limit_batches: int = 0            # cap on batches per epoch and on search steps (0: no cap), for smoke runs
     batch_size: int = 256
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = 1e-4
@@ -144,6 +150,9 @@ class AgentConfig:
     # torch.compile's mode; reduce-overhead adds CUDA graphs on GPUs (CPUs run it as default)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     amp: bool = False                 # bf16 autocast in the SAC networks (GPUs; slower on CPUs without bf16 units)
+    # weighting=dwa: RL has no epochs, so an "epoch" is this many updates; DWA weighs each task by the ratio of
+    # its mean losses over the last two of them (the critic's and the actor's weightings separately)
+    dwa_epoch_updates: int = 1000
 
 
 @dataclass
@@ -416,10 +425,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"agent.gamma must be in (0, 1]; got {cfg.agent.gamma}")
     if not 0.0 < cfg.agent.tau <= 1.0:
         raise ConfigError(f"agent.tau must be in (0, 1]; got {cfg.agent.tau}")
+    if cfg.agent.dwa_epoch_updates < 1:
+        raise ConfigError(f"agent.dwa_epoch_updates must be >= 1; got {cfg.agent.dwa_epoch_updates}")
     if not 0.0 <= cfg.arch.cn_fraction < 1.0:
         raise ConfigError(f"arch.cn_fraction must be in [0, 1); got {cfg.arch.cn_fraction}")
     if not 0.0 <= cfg.arch.val_fraction < 1.0:
         raise ConfigError(f"arch.val_fraction must be in [0, 1); got {cfg.arch.val_fraction}")
+    if cfg.arch.derive not in ("argmax", "margin"):
+        raise ConfigError(f"arch.derive must be one of argmax, margin; got {cfg.arch.derive!r}")
+    if not 0.0 <= cfg.arch.derive_margin < 1.0:
+        raise ConfigError(f"arch.derive_margin must be in [0, 1); got {cfg.arch.derive_margin}")
+    if cfg.arch.max_params < 0:
+        raise ConfigError(f"arch.max_params must be >= 0 (0: no budget); got {cfg.arch.max_params}")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints must be at least 1")
     if cfg.env.name not in ("MT10", "MT50"):
@@ -429,10 +446,13 @@ def validate(cfg: Config) -> None:
     if cfg.agent.algo == "sb3_stl" and cfg.arch.method != "stl":
         raise ConfigError(f"agent.algo=sb3_stl trains one network per task: set arch.method=stl (got {cfg.arch.method!r})")
     # method registries (imported here: config -> search/weighting only for validation)
-    from .search import get_method, parse_options
+    from .search import DeriveRule, get_method, parse_options
     try:
         method = get_method(cfg.arch.method)
         parse_options(method, cfg.arch.options)
+        # combinations (max_params with margin) and what the method supports; the budget's lower
+        # bound needs the network, so make_method checks it
+        method.check_derive_rule(DeriveRule.of(cfg.arch))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if method.searches and cfg.arch.search_steps <= 0:

@@ -10,6 +10,9 @@ metrics.jsonl, arch.json) and writes into ``out``:
   deviation over seeds (the number of seeds is in the legend);
 * ``tree-<run>.png`` per run with an arch.json: each network's learned tree, as modules
   per stage (columns) joined along every task's path, tasks at the leaves;
+* ``arch-<run>.png`` / ``conflict-<run>.png`` per run that logged them: each task's architecture
+  choice probabilities over the search (``arch/<network>/<task>/<choice>``: did it settle or
+  stop at noise?) and each shared group's conflict / withheld / mean-cosine rates;
 * ``summary.md`` (and ``summary.json``): one row per group (final mean metric +- std over
   seeds, per-task finals, parameters) and one row per run;
 * with ``reference=`` (a YAML or JSON file of published points, see :func:`load_reference`):
@@ -256,6 +259,52 @@ def plot_metric(groups: list[tuple[str, list[RunData]]], metric: str, path: Path
     return path
 
 
+# ---- search trajectories -------------------------------------------------------------------------------
+def _logged_series(run: RunData, prefix: str) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """``<prefix>/<panel...>/<line>`` values of every line of metrics.jsonl: panel -> line -> [(step, value)]."""
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for rec in run.metrics:
+        for k, v in rec.items():
+            if k.startswith(prefix + "/") and _is_number(v):
+                panel, line = k[len(prefix) + 1:].rsplit("/", 1)
+                out.setdefault(panel, {}).setdefault(line, []).append((float(rec["step"]), float(v)))
+    return out
+
+
+def plot_trajectories(run: RunData, prefix: str, path: Path, title: str, ylabel: str) -> Path | None:
+    """One panel per ``<prefix>/<panel>/`` key family, one line per last key component, over the steps logged:
+    ``arch``: each task's choice probabilities during a search; ``conflict``: each shared group's rates."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = _logged_series(run, prefix)
+    if not series:
+        return None
+    panels = list(series)
+    ncol = min(5, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.4 * nrow), squeeze=False, sharex=True)
+    for ax, panel in zip(axes.flat, panels):
+        for line, pts in series[panel].items():
+            ax.plot(*zip(*pts), lw=1.2, label=line)
+        ax.set_title(panel, fontsize=8)
+        ax.set_ylim(-1.02 if prefix == "conflict" else -0.02, 1.02)  # mean cosines may be negative
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, frameon=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=8)
+    fig.suptitle(f"{run.name}: {title}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # ---- trees -----------------------------------------------------------------------------------------
 _KIND_COLOR = {"shared": "#2b6cb0", "subgroup": "#dd8a2b", "specific": "#b8c4d0"}
 
@@ -456,6 +505,11 @@ def make_report(run_dirs: list[Path], out: Path | None = None, reference: Path |
         p = plot_trees(r, out / f"tree-{_safe(r.name)}.png")
         if p is not None:
             figures.append(p)
+        for prefix, title, ylabel in (("arch", "architecture choice probabilities during the search", "probability"),
+                                      ("conflict", "gradient conflicts per shared group (running rates)", "rate")):
+            p = plot_trajectories(r, prefix, out / f"{prefix}-{_safe(r.name)}.png", title, ylabel)
+            if p is not None:
+                figures.append(p)
     text, data = summary(groups)
     if ref is not None:
         table, data["reference"] = reference_table(groups, ref)

@@ -1,4 +1,10 @@
-"""A run directory: resolved config, seed, versions and git commit; device choice; seeding."""
+"""A run directory: resolved config, seed, versions and git commit; device choice; seeding.
+
+Also what a resume does in either domain (the RL and supervised loops both call these, so the
+rules cannot drift apart): :func:`find_resume_checkpoint` (the newest intact checkpoint, damaged
+ones moved aside), :func:`resume_key` / :func:`check_resume_key` (the config a checkpoint was
+made with must match) and :func:`restore_schedules` (architecture methods' step schedules).
+"""
 from __future__ import annotations
 
 import json
@@ -6,6 +12,7 @@ import os
 import platform
 import random
 import subprocess
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -14,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import load_latest
 from .config import Config, ConfigError, config_from_dict, load_yaml_text, to_yaml
 from .tree import Tree
 
@@ -141,6 +149,34 @@ def check_resume_key(saved: dict[str, Any] | None, cfg: Config, where: str) -> N
     if diff:
         raise ConfigError(f"cannot resume from {where}: it was made with {'; '.join(diff)}; "
                           "resume with the run's own config or start a new run")
+
+
+def find_resume_checkpoint(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
+    """What ``train --resume`` continues from: the newest checkpoint of ``run_dir`` that reads back intact,
+    as ``(step, state)``. A damaged newer one is named in one warning line and moved aside to ``*.damaged``
+    (kept for inspection, never again counted among the kept ones); with none readable, a warning and None
+    (the run starts from the beginning). The caller checks the state's :func:`resume_key` against its
+    config (:func:`check_resume_key`) where every rank of a data-parallel run sees it, so all of them stop."""
+    found = load_latest(run_dir / "checkpoints", quarantine=True)
+    if found is None:
+        print(f"warning: {run_dir}/checkpoints holds no readable checkpoint; starting the run from the beginning",
+              file=sys.stderr)
+    return found
+
+
+def restore_schedules(methods: Any, step: int) -> None:
+    """Put the step schedules of searching architecture methods (LTB's warm-up and temperature, AdaShare's
+    temperature and curriculum) where the last step before a checkpoint left them.
+
+    The schedules are pure functions of the method's step count, set by ``on_step(step)`` for step + 1;
+    a method built afresh on resume starts at step 0's, so without this the first steps after a resume
+    would run under the build-time temperature (not an exact resume). ``step``: the search steps (RL:
+    updates) already done.
+    """
+    for m in methods:
+        apply = getattr(m, "_apply_schedule", None)
+        if apply is not None and m.net is not None:
+            apply(step)
 
 
 ARCH_SET_FORMAT = "mtrl-arch/arch-set"

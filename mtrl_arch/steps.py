@@ -1,8 +1,9 @@
 """One weight step and one search step, domain-free: every training loop is built from these.
 
 ``losses_fn(net, batch) -> Tensor[T]`` is the adapter's per-task loss. The loops (the
-supervised loop in :mod:`mtrl_arch.loop`, the synthetic problem, SAC's updates) differ
-only in where batches come from.
+supervised loop in :mod:`mtrl_arch.agents.supervised`, the synthetic problem in
+:mod:`mtrl_arch.synthetic`, SAC's updates in :mod:`mtrl_arch.agents.sac`, driven by
+:mod:`mtrl_arch.agents.rl_loop`) differ only in where batches come from.
 """
 from __future__ import annotations
 

@@ -32,6 +32,8 @@ class Tree:
     stages: tuple[tuple[Group, ...], ...]
     method: str = "manual"
     meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    # how a method derived it (search/base.py ArchMethod.finish): rule, margin, budget, scores, parameter counts
+    derive: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tasks", tuple(self.tasks))
@@ -150,6 +152,7 @@ class Tree:
                 name: [self._module_label(s, t) for s in range(self.n_stages)] for t, name in enumerate(self.tasks)
             },
             "meta": self.meta,
+            **({"derive": self.derive} if self.derive else {}),  # absent in files written before derive rules
         }
 
     @classmethod
@@ -162,7 +165,8 @@ class Tree:
             )
         try:
             return cls(tuple(d["tasks"]), tuple(tuple(tuple(g) for g in st) for st in d["stages"]),
-                       method=d.get("method", "manual"), meta=dict(d.get("meta") or {}))
+                       method=d.get("method", "manual"), meta=dict(d.get("meta") or {}),
+                       derive=dict(d.get("derive") or {}))
         except KeyError as e:
             raise TreeError(f"architecture file lacks the key {e.args[0]!r}") from None
 
@@ -214,4 +218,25 @@ class Tree:
             desc = ", ".join("{" + ",".join(self.tasks[t] for t in g) + "}" for g in groups if len(g) > 1)
             n_spec = sum(1 for g in groups if len(g) == 1)
             lines.append(f"  stage {s}: {len(groups)} module(s); shared: {desc or '-'}; specific: {n_spec}")
-        return "\n".join(lines)
+        return "\n".join(lines + self._render_derive())
+
+    def _render_derive(self) -> list[str]:
+        d = self.derive
+        if not d:
+            return []
+        rule = d.get("rule", "?") + (f" (margin {d['margin']})" if "margin" in d else "")
+        budget = f"max_params {d['max_params']}" if d.get("max_params") else "no parameter budget"
+        lines = [f"derive: {rule}; {budget}"]
+        c = d.get("params") or {}
+        if c:
+            lines.append(f"params: trunk {c.get('trunk')} (shared {c.get('shared')}, subgroup {c.get('subgroup')}, "
+                         f"specific {c.get('specific')}), heads {c.get('heads')}, total {c.get('total')}")
+        sc = d.get("scores")
+        if sc is not None:  # what the rule read: one line per entry, one per task where the entry is per task
+            lines.append("scores:")
+            for k, v in (sc.items() if isinstance(sc, dict) else [("", sc)]):
+                if isinstance(v, dict) and v and set(v) <= set(self.tasks):
+                    lines += [f"  {k}:"] + [f"    {t}: {json.dumps(x)}" for t, x in v.items()]
+                else:
+                    lines.append(f"  {k}: {json.dumps(v)}")
+        return lines

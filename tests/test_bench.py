@@ -6,6 +6,8 @@ import json
 import pytest
 
 from mtrl_arch import bench
+from mtrl_arch.build import benchmarks
+from mtrl_arch.cli import main as cli_main
 from mtrl_arch.config import ConfigError
 
 TINY_TRUNK = ["reps=1", "iters=1", "warmup=0", "tasks=3", "width=8", "batch=4", "input=5",
@@ -13,8 +15,17 @@ TINY_TRUNK = ["reps=1", "iters=1", "warmup=0", "tasks=3", "width=8", "batch=4", 
 
 
 def run(capsys, what: str, options: list[str]) -> dict:
-    assert bench.main(what, True, options) == 0
+    """``mtrl-arch bench WHAT OPTIONS --json``: the CLI's registry joins the core's and the RL adapters' benchmarks."""
+    assert cli_main(["bench", what, *options, "--json"]) == 0
     return json.loads(capsys.readouterr().out)
+
+
+def test_the_cli_registry_joins_the_core_and_rl_benchmarks(capsys) -> None:
+    assert list(benchmarks()) == ["trunk", "sac-update", "stl-vs-mt", "env", "gpu"]
+    assert list(bench.BENCHES) == ["trunk"]  # the core's own: domain-free
+    assert cli_main(["bench", "sac-updat"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "did you mean 'sac-update'" in err and "trunk, sac-update, stl-vs-mt, env, gpu" in err
 
 
 def test_trunk_bench_prints_json_with_its_keys(capsys, tmp_path) -> None:

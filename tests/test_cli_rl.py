@@ -8,20 +8,50 @@ import json
 import pytest
 import yaml
 
+from mtrl_arch.agents.sac import MTSAC
 from mtrl_arch.cli import main
+from mtrl_arch.config import load_config
 from mtrl_arch.envs.metaworld import MT10_TASKS
 from mtrl_arch.logger import read_metrics, read_wandb_history
+
+SMOKE = ["arch.conflict_noticed=false", "arch.options.lr=3e-3", "train.updates_per_step=0.25", "train.total_env_steps=2000", "train.warmup_steps=50", "arch.search_steps=100", "eval.every_env_steps=1000",
+         "eval.episodes_per_task=1", "eval.final_episodes_per_task=1", "train.log_every=500", "env.max_episode_steps=50",
+         "model.hidden=[64,64,64]", "wandb.mode=offline"]
 
 
 @pytest.fixture(scope="module")
 def mt10_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "mt10_quick"
-    rc = main(["train", "mt10_quick", "train.total_env_steps=2000", "train.warmup_steps=50", "arch.search_steps=100",
-               "eval.every_env_steps=1000", "eval.episodes_per_task=1", "eval.final_episodes_per_task=1",
-               "train.log_every=500", "env.max_episode_steps=100", "model.hidden=[64,64,64]", "wandb.mode=offline",
-               f"run_dir={run_dir}", "--no-progress"])
+    run_dir = tmp_path_factory.mktemp("runs") / "mt10_conal"
+    rc = main(["train", "mt10_conal", *SMOKE, f"run_dir={run_dir}", "--no-progress"])
     assert rc == 0
     return run_dir
+
+
+def test_dry_run_prints_the_config_and_the_counts_a_run_logs(mt10_run, capsys, tmp_path, monkeypatch) -> None:
+    """`train --dry-run`: the run's config.yaml (less its run: record) and the parameter counts that the same
+    run logged at its start, from MTSAC built on the CPU without an environment; no run directory."""
+    monkeypatch.chdir(tmp_path)  # where a default run directory (runs/NAME-TIME) would appear
+    capsys.readouterr()
+    assert main(["train", "mt10_conal", *SMOKE, f"run_dir={mt10_run}", "--dry-run"]) == 2  # holds a run: refused
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "mt10_conal", *SMOKE, "--dry-run"]) == 0
+    cfg_doc, counts_doc = yaml.safe_load_all(capsys.readouterr().out)
+    written = yaml.safe_load((mt10_run / "config.yaml").read_text())
+    del written["run"]
+    assert cfg_doc == {**written, "run_dir": ""}
+    logged = next(r for r in read_metrics(mt10_run) if any(k.startswith("params/") for k in r))
+    counts = counts_doc["parameters"]
+    assert set(counts) == {"actor", "critic"} and counts["actor"]["total"] > 0
+    assert {f"params/{n}/{k}": v for n, c in counts.items() for k, v in c.items()} == \
+        {k: v for k, v in logged.items() if k.startswith("params/")}
+    cfg = load_config("mt10_conal", [*SMOKE, "agent.buffer_size=1000"])
+    tasks = tuple(cfg.env.tasks or MT10_TASKS)
+    assert counts == MTSAC(tasks, 39 + len(tasks), 4, cfg, "cpu").param_counts()
+    assert "obs 49, action 4" in counts_doc["counted"]
+    assert list(tmp_path.iterdir()) == []  # no run directory, nothing written
+    assert main(["train", "mt10_conal", "agent.lrr=1", "--dry-run"]) == 2  # a bad override: one line, exit 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key 'agent.lrr'") and err.count("\n") == 1
 
 
 def test_run_directory_holds_every_file(mt10_run) -> None:
@@ -33,7 +63,7 @@ def test_run_directory_holds_every_file(mt10_run) -> None:
     run = cfg["run"]
     assert {"git_commit", "versions", "machine"} <= set(run)
     env = run["env"]
-    assert env["max_episode_steps"] == 100 and env["reward_version"] and env["metaworld_version"]
+    assert env["max_episode_steps"] == 50 and env["reward_version"] and env["metaworld_version"]
     arch = json.loads((mt10_run / "arch.json").read_text())
     assert set(arch["networks"]) == {"actor", "critic"} if "networks" in arch else {"actor", "critic"} <= set(arch)
 
@@ -88,3 +118,15 @@ def test_sb3_single_task_baseline_runs_and_resumes(tmp_path) -> None:
     assert [l["step"] for l in evals] == [400, 800]
     assert set(k for k in evals[-1] if k.startswith("eval/success_rate/")) == {
         "eval/success_rate/reach-v3", "eval/success_rate/push-v3", "eval/success_rate/mean"}
+
+
+def test_search_lines_carry_every_tasks_branch_probabilities(mt10_run) -> None:
+    """While CoNAL searches, each training line holds p_t(b) per network, task and branch point (summing to 1)."""
+    search = [r for r in read_metrics(mt10_run) if r.get("phase") == "search"]
+    assert search
+    for r in search:
+        for net in ("actor", "critic"):
+            for t in MT10_TASKS:
+                ps = [r[f"arch/{net}/{t}/b{b}"] for b in range(4)]  # 3 stages: branch points 0..3
+                assert sum(ps) == pytest.approx(1.0) and min(ps) > 0
+    assert not any(k.startswith("arch/") for r in read_metrics(mt10_run) if r.get("phase") == "train" for k in r)

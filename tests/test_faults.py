@@ -30,7 +30,9 @@ from mtrl_arch.logger import Logger, read_metrics
 
 pytest.importorskip("metaworld")
 
-TINY = ["mt10_quick", "env.tasks=[reach-v3,push-v3]", "env.max_episode_steps=50", "model.hidden=[32,32]",
+# CoNAL without the conflict-noticed operation, a fast alpha, a quarter update per vector step
+TINY = ["mt10_conal", "arch.conflict_noticed=false", "arch.options.lr=3e-3", "train.updates_per_step=0.25",
+        "env.tasks=[reach-v3,push-v3]", "env.max_episode_steps=50", "model.hidden=[32,32]",
         "train.total_env_steps=400", "train.warmup_steps=40", "train.checkpoint_every=50", "train.log_every=40",
         "eval.every_env_steps=200", "eval.episodes_per_task=1", "eval.final_episodes_per_task=1",
         "arch.search_steps=80", "agent.batch_per_task=16", "agent.buffer_size=2000", "wandb.mode=disabled",
@@ -195,6 +197,55 @@ def test_finished_run_resumed_with_a_larger_budget_trains_on(reference, tmp_path
     assert lines[:len(before)] == before
     assert [r["step"] for r in lines[len(before):] if "train/n_updates" in r] == [440, 480]
     assert lines[-1]["step"] == 480 and "eval/success_rate/mean" in lines[-1]  # a new final evaluation
+
+
+def test_a_budget_stop_then_a_larger_budget_logs_the_uninterrupted_windows(one_thread, tmp_path, capsys):
+    """Training logs every 120 env steps; a run stopped by its budget at 200 (not a log step) and resumed to 400
+    writes the uninterrupted run's lines (same windows, same values) plus only the stop point's lines at 200."""
+    log = ["train.log_every=120", "train.checkpoint_every=1000"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(train_args(full, *log)) == 0
+    assert main(train_args(split, *log, "train.total_env_steps=200")) == 0
+    capsys.readouterr()
+    assert main(["train", "--no-progress", "--resume", str(split), "train.total_env_steps=400"]) == 0
+    a, b = metric_lines(full), metric_lines(split)
+    assert [r["step"] for r in a if "train/n_updates" in r] == [120, 240, 360, 400]
+    assert [r["step"] for r in b if "train/n_updates" in r] == [120, 200, 240, 360, 400]
+    # the first line after the resume covers 120-240 in both (not 200-240), with the same values
+    assert [r for r in b if r["step"] != 200] == [r for r in a if r["step"] != 200]
+    assert_same_state(final_state(split), final_state(full))
+
+
+# LTB and AdaShare on TINY's settings, with schedules that move at every update of the search (10 updates,
+# at vector steps 44-80): LTB's warm-up and temperature, AdaShare's temperature and curriculum
+SCHEDULED = {
+    "ltb": ["arch.options.total_steps=10"],
+    "adashare": ["arch.options.warmup_steps=2", "arch.options.weight_steps=1", "arch.options.policy_steps=1",
+                 "arch.options.curriculum_speed=1", "arch.options.tau_decay_every=1"],
+}
+
+
+@pytest.mark.parametrize("method", list(SCHEDULED))
+def test_scheduled_search_stopped_mid_search_resumes_exactly(bench, one_thread, tmp_path, capsys, method):
+    """A run stopped by its budget mid-search (env step 120, update 5 of 10) and resumed to the full budget
+    (240) ends with the uninterrupted run's log, architecture and model: the resumed search network takes
+    the schedules the last update left in force, not the build-time ones, and the budget's final evaluation
+    (the search network samples its architecture even for deterministic actions) leaves the training's
+    random streams as they were."""
+    args = [f"mt10_{method}", *(a for a in TINY[1:] if not a.startswith("arch.options.")), *SCHEDULED[method],
+            "train.total_env_steps=240"]
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(["train", "--no-progress", *args, f"run_dir={full}"]) == 0
+    assert main(["train", "--no-progress", *args, f"run_dir={split}", "train.total_env_steps=120"]) == 0
+    _, state = C.read_checkpoint(C.checkpoint_path(split / "checkpoints", 120))
+    assert state["agent"]["searching"] and state["agent"]["n_updates"] == 5
+    capsys.readouterr()
+    assert main(["train", "--no-progress", "--resume", str(split), "train.total_env_steps=240"]) == 0
+    # the stop point adds its lines (the budget's final evaluation); every other line is the uninterrupted run's
+    a, b = metric_lines(full), metric_lines(split)
+    assert [r for r in b if r["step"] != 120] == [r for r in a if r["step"] != 120]
+    assert (split / "arch.json").read_text() == (full / "arch.json").read_text()
+    assert_same_state(final_state(split), final_state(full))
 
 
 def test_sigint_saves_and_exits_0(bench, tmp_path):

@@ -1,4 +1,4 @@
-"""mtrl_arch.metrics against hand-computed values (and scipy.stats for the correlations)."""
+"""mtrl_arch.metrics and mtrl_arch.envs.vision_metrics against hand-computed values (and scipy.stats for the correlations)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +9,7 @@ import scipy.stats
 import torch
 
 from mtrl_arch import metrics as M
+from mtrl_arch.envs import vision_metrics as VM
 
 
 def test_accuracy_labels_and_logits():
@@ -53,15 +54,15 @@ def test_pearson_spearman_against_scipy_with_ties():
 def test_segmentation_confusion_miou_pixel_acc():
     pred = np.array([[0, 1], [1, 1]])
     target = np.array([[0, 1], [-1, 0]])  # one ignored pixel
-    conf = M.confusion_matrix(pred, target, n_classes=3)
+    conf = VM.confusion_matrix(pred, target, n_classes=3)
     np.testing.assert_array_equal(conf, [[1, 1, 0], [0, 1, 0], [0, 0, 0]])
-    r = M.segmentation_metrics(pred, target, n_classes=3)
+    r = VM.segmentation_metrics(pred, target, n_classes=3)
     # IoU0 = 1/(1+1), IoU1 = 1/(1+1), class 2 absent (union 0) -> left out of the mean
     assert r["miou"] == pytest.approx(0.5)
     assert r["pixel_acc"] == pytest.approx(2 / 3)
     # scores with the class axis at dim 1, accumulated over two batches
     scores = torch.nn.functional.one_hot(torch.tensor(pred), 3).permute(2, 0, 1)[None].float()
-    acc = M.ConfusionMatrix(3)
+    acc = VM.ConfusionMatrix(3)
     acc.update(scores, torch.tensor(target)[None])
     acc.update(scores, torch.tensor(target)[None])
     assert acc.compute() == pytest.approx(r)
@@ -70,7 +71,7 @@ def test_segmentation_confusion_miou_pixel_acc():
 def test_depth_errors_on_valid_pixels():
     pred = np.array([1.0, 2.0, 3.0, 4.0])
     target = np.array([1.0, 0.0, 2.0, 5.0])  # 0 = missing
-    r = M.depth_errors(pred, target)
+    r = VM.depth_errors(pred, target)
     assert r["abs_err"] == pytest.approx((0 + 1 + 1) / 3)
     assert r["rel_err"] == pytest.approx((0 + 1 / 2 + 1 / 5) / 3)
 
@@ -84,7 +85,7 @@ def test_normal_angle_errors():
         r = math.radians(a)
         p[0, :, 0, j] = [2 * math.sin(r), 0, 2 * math.cos(r)]  # not unit length: normalised
     p[0, :, 0, 4] = [1, 0, 0]  # target all-zero: invalid pixel
-    r = M.normal_errors(p, t)
+    r = VM.normal_errors(p, t)
     assert r["mean"] == pytest.approx(18.75)
     assert r["median"] == pytest.approx(15.0)
     assert r["within_11.25"] == 0.5
@@ -107,8 +108,10 @@ def test_delta_m_worked_example():
     per_task = {"A": {"AM1": False, "AM2": True}, "B": {"BM1": False}}
     assert M.delta_m(new, base, per_task) == pytest.approx(M.delta_m(new, base, lower))
     nyu = {"seg": {"miou": 0.40, "pixel_acc": 0.65}, "depth": {"abs_err": 0.60, "rel_err": 0.25}}
-    assert M.delta_m(nyu, nyu) == 0.0
+    assert M.delta_m(nyu, nyu, VM.LOWER_IS_BETTER) == 0.0
     better = {"seg": {"miou": 0.44, "pixel_acc": 0.65}, "depth": {"abs_err": 0.54, "rel_err": 0.25}}
-    assert M.delta_m(better, nyu) == pytest.approx(100 * (0.1 / 2 + 0.1 / 2) / 2)
+    assert M.delta_m(better, nyu, VM.LOWER_IS_BETTER) == pytest.approx(100 * (0.1 / 2 + 0.1 / 2) / 2)
     with pytest.raises(KeyError):
         M.delta_m({"x": {"weird": 1.0}}, {"x": {"weird": 2.0}})
+    with pytest.raises(KeyError):  # the core knows no vision metric: its adapter gives their directions
+        M.delta_m(nyu, nyu)

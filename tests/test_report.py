@@ -132,3 +132,23 @@ def test_a_bad_reference_file_is_one_line_exit_2(rl_runs, tmp_path, capsys, cont
     assert main(["report", *map(str, rl_runs), "--out", str(tmp_path / "o"), "--reference", str(ref)]) == 2
     err = capsys.readouterr().err.strip()
     assert "reference file" in err and len(err.splitlines()) == 1
+
+
+def test_search_trajectories_are_plotted_from_the_logged_probabilities(tmp_path):
+    """arch/<network>/<task>/<choice> and conflict/<network>/<group>/<rate> lines become one figure each."""
+    d = make_rl_run(tmp_path, "conal", 0, {"reach-v3": [0, 0, 0], "push-v3": [0, 0, 0], "pick-place-v3": [0, 0, 0]})
+    with (d / "metrics.jsonl").open("a") as f:  # lines as the loops write them while searching
+        for step, p in ((100, 0.25), (200, 0.6)):
+            rec = {"step": step, **{f"arch/actor/{t}/b{b}": (p if b == 3 else (1 - p) / 3) for t in TASKS for b in range(4)},
+                   "conflict/actor/stage0/withheld": 0.9, "conflict/actor/stage0/mean_cos": -0.1}
+            f.write(json.dumps(rec) + "\n")
+    run = load_run(d)
+    from mtrl_arch.report import _logged_series
+
+    series = _logged_series(run, "arch")
+    assert set(series) == {f"actor/{t}" for t in TASKS} and set(series["actor/reach-v3"]) == {"b0", "b1", "b2", "b3"}
+    assert series["actor/push-v3"]["b3"] == [(100.0, 0.25), (200.0, 0.6)]
+    out = make_report([d], tmp_path / "rep")
+    assert (out / f"arch-{d.name}.png").read_bytes().startswith(PNG)
+    assert (out / f"conflict-{d.name}.png").read_bytes().startswith(PNG)
+    assert f"arch-{d.name}.png" in (out / "summary.md").read_text()

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from data_roots import data_overrides
+import mtrl_arch.checkpoint as C
 from mtrl_arch.cli import main
 from mtrl_arch.config import available_configs, load_config
 from mtrl_arch.logger import read_metrics
@@ -201,3 +206,209 @@ def test_bad_config_is_one_line_exit_2(tmp_path, capsys, override, needle):
     assert _train("multi_fashion_mnist_hps", tmp_path / "r", [override, "wandb.mode=disabled"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and needle in err
+
+
+class _CountingMetrics:
+    """An adapter's metrics accumulator that counts the batches it is given (``on_update`` sees the count)."""
+
+    def __init__(self, inner, on_update=None):
+        self.inner, self.on_update, self.n = inner, on_update, 0
+
+    def update(self, out, batch) -> None:
+        self.n += 1
+        if self.on_update is not None:
+            self.on_update(self.n)
+        self.inner.update(out, batch)
+
+    def compute(self):
+        return self.inner.compute()
+
+
+def _counting(make_adapter, seen: list, on_update=None):
+    """``make_adapter`` whose evaluations append their accumulators (one per split evaluated) to ``seen``."""
+    def make(c):
+        adapter = make_adapter(c)
+        inner = adapter.metrics
+
+        def metrics():
+            seen.append(_CountingMetrics(inner(), on_update))
+            return seen[-1]
+
+        adapter.metrics = metrics
+        return adapter
+    return make
+
+
+def test_diverging_run_exits_3_with_one_line(tmp_path, cache):
+    """A non-finite supervised loss is the CLI's divergence (exit 3, one line), as in RL: no traceback."""
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "mtrl_arch.cli", "train", "multi_fashion_mnist_hps",
+                        *_multi(cache, "train.epochs=1", "train.lr=1e30"), f"run_dir={run}", "--no-progress"],
+                       capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    assert r.returncode == 3, r.stderr[-2000:]
+    err = r.stderr.strip().splitlines()
+    assert err[0] == f"run directory: {run}"  # the CLI's note at the start of every new run
+    assert len(err) == 2 and err[1].startswith("error: non-finite train loss at step 3"), r.stderr[-2000:]
+    assert "last good checkpoint is kept" in err[1]
+    assert not (run / "model.pt").exists()
+
+
+def test_limit_batches_caps_the_search_and_eval_limit_batches_the_evaluation(tmp_path, cache):
+    """``train.limit_batches=5`` makes a CoNAL search 5 steps (and the retrain epoch 5 batches);
+    ``eval.limit_batches=2`` evaluates 2 batches of each split."""
+    from mtrl_arch.agents.supervised import train_supervised
+    from mtrl_arch.envs.supervised import make_adapter
+
+    seen: list[_CountingMetrics] = []
+    cfg = load_config("multi_fashion_mnist_conal", _multi(cache, "arch.search_steps=40", "train.limit_batches=5",
+                                                           "eval.limit_batches=2", "train.epochs=1"))
+    res = train_supervised(cfg, tmp_path / "run", progress=False, make_adapter=_counting(make_adapter, seen))
+    recs = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in recs if r.get("phase") == "search"] == [5]  # one epoch of 5 search steps
+    assert [r["step"] for r in recs if r.get("phase") == "train"] == [10]
+    assert any(k.startswith("eval/") for k in res)
+    assert len(seen) == 2 and [m.n for m in seen] == [2, 2]  # validation and test splits
+
+
+def test_stop_during_evaluation_abandons_it_and_resumes_exactly(tmp_path, cache, monkeypatch, capsys):
+    """SIGTERM during an evaluation: no further batch is evaluated, the run exits 0 keeping the checkpoint
+    of the epoch's last step, and the resumed run ends that epoch (evaluation included) as if uninterrupted."""
+    import mtrl_arch.envs.supervised as S
+
+    over = _multi(cache, "train.epochs=2", "eval.limit_batches=4", "eval.every_epochs=1", "train.checkpoint_every=1")
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    assert _train("multi_fashion_mnist_hps", straight, over) == 0
+    seen: list[_CountingMetrics] = []
+    fired: list[int] = []
+
+    def stop_at_first_batch(n: int) -> None:
+        if not fired:  # once: the resumed run evaluates undisturbed
+            fired.append(n)
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(S, "make_adapter", _counting(S.make_adapter, seen, stop_at_first_batch))
+    capsys.readouterr()
+    assert _train("multi_fashion_mnist_hps", run, over) == 0  # a stop's exit code
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped by SIGTERM")
+    assert [m.n for m in seen] == [1]  # the batch the signal came in finished; no other batch, no test split
+    assert not any(r.get("phase") == "train" for r in read_metrics(run))  # the epoch did not end
+    assert not (run / "model.pt").exists()
+    assert C.list_steps(run / "checkpoints") == [3]  # the epoch's last step (3 batches)
+    _, state = C.read_checkpoint(C.checkpoint_path(run / "checkpoints", 3))
+    assert (state["epoch"], state["pos"], state["last_eval"]) == (0, 3, {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]  # the epoch's lr step is the checkpoint's
+    a, b = _last_eval(straight), _last_eval(run)
+    keys = [k for k in a if k.startswith(("eval/", "val/"))]
+    assert keys and {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    assert [(r["step"], r["lr"]) for r in read_metrics(run) if "phase" in r] == \
+        [(r["step"], r["lr"]) for r in read_metrics(straight) if "phase" in r]
+    assert [r["step"] for r in read_metrics(run) if "phase" in r] == [3, 6]
+    assert (run / "model.pt").is_file()
+
+
+# ---- resume: the same rules as RL (mtrl_arch.run's resume helpers) ----------------------------------------
+def _lines(run_dir: Path) -> list[dict]:
+    """metrics.jsonl less wall-clock fields (``time/*``), which no two runs share."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics(run_dir)]
+
+
+def _assert_same_model(a: Path, b: Path) -> None:
+    sa, sb = (torch.load(d / "model.pt", map_location="cpu", weights_only=False) for d in (a, b))
+    assert sa["tree"] == sb["tree"] and set(sa["net"]) == set(sb["net"])
+    for k, v in sa["net"].items():
+        assert torch.equal(v, sb["net"][k]), f"net/{k} differs"
+
+
+def test_resume_with_a_changed_data_or_model_key_exits_2_naming_it(tmp_path, cache, capsys):
+    """A resume must keep the config fields that fix what a checkpoint holds (mtrl_arch.run.RESUME_KEYS), as in
+    RL: a model.backbone given with --resume is refused before anything is written, a data.name edited into
+    config.yaml by hand by the checkpoint's own record; each exits 2 with one line naming the key."""
+    run = tmp_path / "run"
+    assert _train("multi_fashion_mnist_hps", run, _multi(cache, "train.epochs=1")) == 0
+    cfg = (run / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "model.backbone=resnet18", "train.epochs=2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot resume from {run}: it was made with "
+                                               "model.backbone='lenet' (now 'resnet18')"), err
+    assert (run / "config.yaml").read_text() == cfg  # not rewritten with the refused override
+    (run / "config.yaml").write_text(cfg.replace("\n  name: multi_fashion_mnist\n", "\n  name: multi_mnist\n", 1))
+    assert main(["train", "--resume", str(run), "train.epochs=2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot resume from the checkpoint at step 3: it was made "
+                                               "with data.name='multi_fashion_mnist' (now 'multi_mnist')"), err
+
+
+def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, cache, capsys):
+    """As in RL: a damaged newest checkpoint is named in one warning line, moved aside (``*.damaged``) and the
+    previous one resumed; the run ends with the undamaged run's log and model."""
+    import shutil
+
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert _train("multi_fashion_mnist_hps", ref, _multi(cache, "train.epochs=2", "train.checkpoint_every=1")) == 0
+    shutil.copytree(ref, run)
+    (run / "model.pt").unlink()
+    assert C.list_steps(run / "checkpoints") == [3, 6]
+    newest = C.checkpoint_path(run / "checkpoints", 6)
+    newest.write_bytes(newest.read_bytes()[:-1000])  # as a disk that lost the file's tail would leave it
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    warn = [x for x in err.splitlines() if x.startswith("warning:")]
+    assert len(warn) == 1 and "ckpt-6.pt is damaged (truncated" in warn[0], err
+    assert "moved to ckpt-6.pt.damaged; falling back to the previous checkpoint" in warn[0]
+    assert "resumed from" in err and "ckpt-3.pt at step 3" in err
+    assert (run / "checkpoints" / "ckpt-6.pt.damaged").exists()
+    assert _lines(run) == _lines(ref)
+    _assert_same_model(run, ref)
+
+
+# schedules that move at every step of a 5-step search: LTB's warm-up and temperature, AdaShare's
+# temperature and curriculum (warm-up 1 step, then one weight and one policy step per cycle)
+SCHEDULED = {
+    "ltb": ["arch.options.total_steps=5"],
+    "adashare": ["arch.options.warmup_steps=1", "arch.options.weight_steps=1", "arch.options.policy_steps=1",
+                 "arch.options.curriculum_speed=1", "arch.options.tau_decay_every=1"],
+}
+
+
+@pytest.mark.parametrize("method", list(SCHEDULED))
+def test_scheduled_search_stopped_and_resumed_is_exact(tmp_path, cache, method):
+    """SIGINT in the middle of an LTB / AdaShare search, then a resume: the schedules in force at the stop
+    (not the build-time ones) drive the next step, and the run ends with the uninterrupted run's log,
+    evaluation, architecture and model."""
+    from mtrl_arch.agents.supervised import train_supervised
+    from mtrl_arch.envs.supervised import make_adapter
+
+    over = _multi(cache, "arch.search_steps=5", "train.limit_batches=5", "train.epochs=1", *SCHEDULED[method])
+    cfg = load_config(f"multi_fashion_mnist_{method}", over)
+    straight = train_supervised(cfg, tmp_path / "a", progress=False, make_adapter=make_adapter)
+    calls = {"n": 0}
+
+    def interrupting(c):
+        adapter = make_adapter(c)
+        inner = adapter.losses
+
+        def losses(out, batch):
+            calls["n"] += 1
+            if calls["n"] == 3:  # in the third search step (one loss call each: weights or policy)
+                signal.raise_signal(signal.SIGINT)
+            return inner(out, batch)
+
+        adapter.losses = losses
+        return adapter
+
+    train_supervised(cfg, tmp_path / "b", progress=False, make_adapter=interrupting)
+    assert C.list_steps(tmp_path / "b" / "checkpoints") == [3]
+    _, state = C.read_checkpoint(C.checkpoint_path(tmp_path / "b" / "checkpoints", 3))
+    assert state["searching"] and state["search_done"] == 3
+    resumed = train_supervised(cfg, tmp_path / "b", resume=True, progress=False, make_adapter=make_adapter)
+    keys = [k for k in straight if k.startswith(("eval/", "val/", "params/"))]
+    assert keys and {k: straight[k] for k in keys} == {k: resumed[k] for k in keys}
+    assert (tmp_path / "a" / "arch.json").read_text() == (tmp_path / "b" / "arch.json").read_text()
+    assert _lines(tmp_path / "b") == _lines(tmp_path / "a")
+    _assert_same_model(tmp_path / "b", tmp_path / "a")

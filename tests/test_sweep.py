@@ -66,6 +66,15 @@ def test_plan_refuses_a_bad_setting_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "s").exists()
 
 
+@pytest.mark.parametrize("override, needle", [("data.options.train_subsett=100,200", "data.options.train_subset"),
+                                              ("model.options.tied_init=true,maybe", "model.options.tied_init")])
+def test_a_bad_supervised_option_in_any_setting_fails_before_any_trial(tmp_path, capsys, override, needle):
+    rc = main(["sweep", "multi_fashion_mnist_hps", override, "--out", str(tmp_path / "s"), "--runner", "local"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: sweep setting") and needle in err[0]
+    assert not (tmp_path / "s").exists()  # nothing started, nothing written
+
+
 def test_without_ray_one_line_naming_the_extra(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sweep, "ray_available", lambda: False)
     rc = main(["sweep", "multi_fashion_mnist_hps", "--address", "auto", "--out", str(tmp_path / "s")])

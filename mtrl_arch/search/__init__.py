@@ -7,6 +7,7 @@ from .base import ArchMethod, Phase, TrunkSpec, parse_options
 from .adashare import AdaShare
 from .conal import Conal
 from .conal_pro import ConalPro
+from .derive import DeriveRule
 from .fixed import HPS, STL, Manual
 from .ltb import LTB
 from .recon import Recon
@@ -22,9 +23,12 @@ def get_method(name: str) -> type[ArchMethod]:
     return REGISTRY[name]
 
 
-def make_method(name: str, spec: TrunkSpec, options: dict | None = None, seed: int = 0) -> ArchMethod:
+def make_method(name: str, spec: TrunkSpec, options: dict | None = None, seed: int = 0, derive=None) -> ArchMethod:
+    """``derive``: a :class:`DeriveRule`, the run's ``cfg.arch`` (its derive fields are read), or None (argmax)."""
     cls = get_method(name)
-    return cls(spec, parse_options(cls, options), seed=seed)
+    method = cls(spec, parse_options(cls, options), seed=seed)
+    method.set_derive_rule(DeriveRule.of(derive))
+    return method
 
 
-__all__ = ["ArchMethod", "Phase", "TrunkSpec", "REGISTRY", "get_method", "make_method", "parse_options"]
+__all__ = ["ArchMethod", "DeriveRule", "Phase", "TrunkSpec", "REGISTRY", "get_method", "make_method", "parse_options"]

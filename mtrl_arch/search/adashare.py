@@ -33,6 +33,18 @@ Algorithm implemented (following the authors' released code, adapted to steps):
   argmax (``derive='argmax'``, ties -> execute). Blocks still locked by the curriculum are
   executed. A block executed by several tasks is one module shared by them; a block no
   task executes is skipped by all. Then the loop retrains from scratch.
+* Derive rules (``arch.derive``, ``arch.max_params``; p = softmax(logits[t, l]) over
+  (execute, skip)): argmax (the default) keeps ``arch.options.derive`` above. margin M
+  replaces it: a block is executed unless p_skip > p_execute and p_skip - p_execute >= M
+  (M = 0: argmax, ties execute). max_params N: the table above if its trunk (one module per
+  block executed by any task) fits N; otherwise the table maximising the sum over tasks and
+  unlocked skippable blocks of log p(decision) whose trunk fits N (ties: fewer
+  parameters). Exact: a block costs its parameters iff some task executes it, so per block
+  the best table is either "all skip" or the per-task argmax (if no task prefers execute:
+  the one task losing least by executing), and the choice between the two over blocks is a
+  knapsack solved exactly by :func:`~.derive.best_within`. Locked and non-skippable blocks
+  always count; when they alone exceed N, derive fails with a one-line ConfigError naming
+  that minimum (made early when the non-skippable blocks alone exceed N).
 
 Departures: epochs become step counts (warm-up, phase lengths, decay period); the task
 loss is the mean over tasks (the code sums), so with equal lambdas the regularisers weigh
@@ -55,9 +67,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..tree import Tree
 from ..trunk import ParamGroup, call_bank, module_rows
 from .base import ArchMethod, Phase, TrunkSpec
+from .derive import best_within, margin_choice
 
 
 @dataclass
@@ -208,17 +222,54 @@ class AdaShare(ArchMethod):
     def execute_probs(self) -> Tensor:
         return self.net.logits.detach().softmax(-1)[..., 0].cpu()  # [T, L]
 
+    def min_params(self) -> int:
+        """Every skippable block skipped by every task: the blocks that cannot be skipped."""
+        skippable = self.spec.residual or (False,) * self.spec.n_stages
+        return sum(n for n, r in zip(self.sizes(), skippable) if not r)
+
+    def table_params(self, table: list[list[bool]]) -> int:
+        return sum(n for l, n in enumerate(self.sizes()) if any(row[l] for row in table))
+
     def policy_table(self) -> list[list[bool]]:
-        """Per task and block: executed in the derived architecture."""
+        """Per task and block: executed in the derived architecture (by the derive rule)."""
         T, L = self.spec.n_tasks, self.spec.n_stages
-        p = self.execute_probs()
-        if self.options.derive == "sample":
+        p, rule = self.execute_probs(), self.derive_rule
+        self.how = "margin" if rule.rule == "margin" else self.options.derive
+        if rule.rule == "margin":
+            q = self.net.logits.detach().double().softmax(-1).cpu()  # (execute, skip)
+            draw = torch.tensor([[margin_choice([float(q[t, l, 1]), float(q[t, l, 0])], rule.margin) == 1
+                                  for l in range(L)] for t in range(T)])
+        elif self.options.derive == "sample":
             g = torch.Generator().manual_seed(self.seed)
             draw = torch.rand(T, L, generator=g) < p
         else:
             draw = p >= 0.5
         locked = [not (self.net.skippable[l] and self.net.unlocked[l]) for l in range(L)]
-        return [[bool(draw[t, l]) or locked[l] for l in range(L)] for t in range(T)]
+        table = [[bool(draw[t, l]) or locked[l] for l in range(L)] for t in range(T)]
+        if rule.max_params and self.table_params(table) > rule.max_params:
+            self.how = "max_params"
+            return self.budget_table(rule.max_params, locked)
+        return table
+
+    def budget_table(self, budget: int, locked: list[bool]) -> list[list[bool]]:
+        """The table with the highest sum of decision log-probabilities whose trunk fits ``budget`` (exact)."""
+        T, P = self.spec.n_tasks, self.sizes()
+        logp = self.net.logits.detach().double().log_softmax(-1).cpu()  # [T, L, (execute, skip)]
+        fixed = sum(n for n, lk in zip(P, locked) if lk)
+        if fixed > budget:
+            raise ConfigError(self._too_small(budget, fixed) + " (the blocks the curriculum has not unlocked count)")
+        free = [l for l in range(len(P)) if not locked[l]]
+        items, used = [], {}
+        for l in free:
+            e, s = logp[:, l, 0], logp[:, l, 1]
+            run = [bool(e[t] >= s[t]) for t in range(T)]
+            if not any(run):  # someone must execute it: the task that loses least
+                run[int(torch.argmax(e - s))] = True
+            used[l] = run
+            items.append([(0, float(s.sum())), (P[l], sum(float(e[t] if run[t] else s[t]) for t in range(T)))])
+        pick, _, _ = best_within(items, budget - fixed)
+        keep = {l for l, j in zip(free, pick) if j == 1}
+        return [[locked[l] or (l in keep and used[l][t]) for l in range(len(P))] for t in range(T)]
 
     def derive(self) -> Tree:
         T, L = self.spec.n_tasks, self.spec.n_stages
@@ -229,6 +280,10 @@ class AdaShare(ArchMethod):
             stages.append((users,) if users else ())
         p = self.execute_probs()
         meta = {"p_execute": {n: [round(float(v), 4) for v in p[t]] for t, n in enumerate(self.spec.tasks)},
-                "derive": self.options.derive, "seed": self.seed, "tau": self.net.tau,
+                "derive": self.how, "seed": self.seed, "tau": self.net.tau,
                 "unlocked": list(self.net.unlocked)}
-        return Tree(self.spec.tasks, tuple(stages), method=self.name, meta=meta)
+        tree = Tree(self.spec.tasks, tuple(stages), method=self.name, meta=meta)
+        exact = self.net.logits.detach().double().softmax(-1)[..., 0].cpu()
+        # policy: what made the table (arch.options.derive's sample/argmax, margin, or max_params when the budget bound)
+        return self.finish(tree, {"p_execute": {n: [round(float(v), 6) for v in exact[t]]
+                                                for t, n in enumerate(self.spec.tasks)}}, policy=self.how)

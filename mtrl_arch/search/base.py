@@ -14,7 +14,11 @@ only call the methods below, so adding a method never touches a loop:
 * ``on_step(step)`` -> schedules (temperatures, curricula).
 * ``observe_task_grads(groups, grads, grams)`` when ``wants_task_grads`` (Recon's statistics;
   ``grams``: per group the tasks' Gram matrix, already computed for the conflict statistics).
-* ``derive()`` -> the :class:`~mtrl_arch.tree.Tree` that is retrained from scratch.
+* ``derive()`` -> the :class:`~mtrl_arch.tree.Tree` that is retrained from scratch, read off
+  the architecture weights by ``self.derive_rule`` (a :class:`~.derive.DeriveRule`: argmax,
+  margin, parameter budget; ``derive_rules`` lists what the method supports) and passed
+  through :meth:`ArchMethod.finish`, which records the rule, its inputs and the tree's
+  parameter counts in ``Tree.derive`` (arch.json) and holds the tree to the budget.
 """
 from __future__ import annotations
 
@@ -26,8 +30,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..trunk import StageFactory, Trunk
 from ..tree import Tree
+from .derive import DeriveRule
 
 
 @dataclass
@@ -72,6 +78,8 @@ class ArchMethod:
     Options: ClassVar[type] = NoOptions
     searches: ClassVar[bool] = True  # False: derive() is known before any training
     wants_task_grads: ClassVar[bool] = False
+    derive_rules: ClassVar[tuple[str, ...]] = ("margin", "max_params")  # supported beyond argmax
+    derive_rule: DeriveRule = DeriveRule()  # set by make_method / set_derive_rule
 
     def __init__(self, spec: TrunkSpec, options: Any = None, seed: int = 0):
         self.spec = spec
@@ -101,7 +109,57 @@ class ArchMethod:
     def derive(self) -> Tree:
         raise NotImplementedError
 
+    def arch_values(self) -> dict[str, float]:
+        """The search's current choice probabilities, logged as ``arch/<network>/<task>/<choice>`` while it runs
+        (``mtrl-arch report`` plots their trajectories: did the search settle, or stop at noise?)."""
+        return {}
+
+    def min_params(self) -> int | None:
+        """The smallest trunk any derivable tree has (None: known only when derived); default: full sharing."""
+        return sum(self.sizes())
+
     # -- shared machinery ----------------------------------------------------------------
+    def sizes(self) -> list[int]:
+        """Parameters of one module of each stage (cached: the factories build modules)."""
+        if getattr(self, "_sizes", None) is None:
+            self._sizes = self.spec.stage_params()
+        return self._sizes
+
+    @classmethod
+    def check_derive_rule(cls, rule: DeriveRule) -> None:
+        """One-line ConfigError for a rule the method does not support (config.validate calls it too)."""
+        def key(r: str) -> str:
+            return "arch.max_params" if r == "max_params" else f"arch.derive={r}"
+
+        for need in rule.needs():
+            if need not in cls.derive_rules:
+                ok = ", ".join(["arch.derive=argmax", *map(key, cls.derive_rules)])
+                raise ConfigError(f"arch.method={cls.name} does not support {key(need)}; it supports {ok}")
+
+    def set_derive_rule(self, rule: DeriveRule) -> None:
+        """Refuse (one-line ConfigError) a rule the method does not support or a budget no tree meets."""
+        self.check_derive_rule(rule)
+        if rule.max_params:
+            low = self.min_params()
+            if low is not None and low > rule.max_params:
+                raise ConfigError(self._too_small(rule.max_params, low))
+        self.derive_rule = rule
+
+    def _too_small(self, budget: int, low: int) -> str:
+        return (f"arch.max_params={budget} is below the smallest tree arch.method={self.name} can derive for the "
+                f"{self.spec.name} network ({low} trunk parameters); set arch.max_params >= {low} or 0 (no budget)")
+
+    def finish(self, tree: Tree, scores: Any = None, **extra: Any) -> Tree:
+        """Record how ``tree`` was derived (rule, margin, budget, the scores it used, ``extra``,
+        parameter counts) in ``tree.derive``; fail with a one-line ConfigError if it exceeds the budget."""
+        counts = tree.param_counts(self.sizes(), self.spec.head_params())
+        counts["trunk"] = counts["shared"] + counts["subgroup"] + counts["specific"]  # what arch.max_params bounds
+        budget = self.derive_rule.max_params
+        if budget and counts["trunk"] > budget:
+            raise ConfigError(self._too_small(budget, counts["trunk"]))
+        rec = {**self.derive_rule.record(), **extra, "scores": scores, "params": counts}
+        return dataclasses.replace(tree, derive=rec)
+
     def arch_parameters(self) -> list[nn.Parameter]:
         return list(self.net.arch_parameters()) if self.net is not None else []
 

@@ -18,8 +18,24 @@ Search alternates a weight step on training data with an alpha step on held-out 
 1e-5, alphas initialised equal. (Weights: Adam 1e-4, weight decay 1e-5, clip 5; those
 are training settings in the configs.) The conflict-noticed operation is the training
 loop's ``arch.conflict_noticed`` switch acting on ``shared_groups()``: here one group per
-shared stage, used by every task. Derive: argmax per task (ties go to the more shared
-branch point), drop the unused modules, retrain from scratch.
+shared stage, used by every task. Derive: a branch point per task (the rule below), drop
+the unused modules, retrain from scratch.
+
+Derive rules (``arch.derive``, ``arch.max_params``; p_t = softmax(alpha_t) over b = 0..L):
+
+* argmax (the paper's): b_t = argmax_b p_t[b], ties to the more shared (larger) b.
+* margin M: b_t is the smallest b with p_t[b] > max_{b'>b} p_t[b'] and
+  p_t[b] - max_{b'>b} p_t[b'] >= M, or L (full sharing) if no b qualifies. Read as a walk
+  from L towards 0: a task moves to a less shared branch point only if it beats every more
+  shared candidate by at least M. M = 0 gives argmax (ties to the more shared).
+* max_params N: the argmax branch points if their trunk fits N; otherwise the branch points
+  maximising sum_t log p_t[b_t] subject to trunk parameters <= N (ties: fewer parameters),
+  found exactly: the trunk costs sum_{s<D} P_s + sum_t sum_{s>=b_t} P_s with D = max_t b_t
+  (P_s: one module of stage s), so for each D = 0..L a multiple-choice knapsack over tasks
+  with b_t <= D is solved exactly (:func:`~.derive.best_within`); counting the trunk up to D
+  when every b_t < D only overstates the cost of an assignment that is also counted
+  exactly at its own D, so the best over D is the optimum. Full sharing is the smallest
+  tree; a budget below it is refused when the method is made.
 """
 from __future__ import annotations
 
@@ -29,9 +45,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..tree import Tree
 from ..trunk import ParamGroup, call_bank, module_rows
 from .base import ArchMethod, Phase, TrunkSpec
+from .derive import best_within, margin_choice
 
 
 @dataclass
@@ -123,14 +141,53 @@ class Conal(ArchMethod):
         return Phase(weights=True, arch=step % self.options.arch_every == 0)
 
     def branch_points(self) -> list[int]:
+        """Per task, the branch point the derive rule picks (see the module docstring)."""
         alpha = self.net.alpha.detach()
         L = alpha.shape[1] - 1
+        rule = self.derive_rule
+        if rule.rule == "margin":
+            probs = alpha.double().softmax(-1).cpu()
+            return [margin_choice(probs[t].tolist(), rule.margin) for t in range(alpha.shape[0])]
         # argmax with ties to the more shared (later) branch point
-        return [int(L - torch.argmax(alpha[t].flip(0))) for t in range(alpha.shape[0])]
+        best = [int(L - torch.argmax(alpha[t].flip(0))) for t in range(alpha.shape[0])]
+        self.budget_binding = bool(rule.max_params) and self.trunk_params(best) > rule.max_params
+        return self.budget_branch_points(rule.max_params) if self.budget_binding else best
+
+    def trunk_params(self, branch: list[int]) -> int:
+        """Trunk parameters of the tree with these branch points: the shared stages once, the rest per task."""
+        P = self.sizes()
+        return sum(P[s] * (int(max(branch) > s) + sum(b <= s for b in branch)) for s in range(len(P)))
+
+    def budget_branch_points(self, budget: int) -> list[int]:
+        """The branch points with the highest sum of log-probabilities whose trunk fits ``budget`` (exact)."""
+        logp = self.net.alpha.detach().double().log_softmax(-1).cpu().tolist()
+        P, L = self.sizes(), self.spec.n_stages
+        private = [sum(P[b:]) for b in range(L + 1)]  # one task's own modules from branch point b on
+        best = None
+        for D in range(L + 1):  # trunk stages 0..D-1 exist
+            found = best_within([[(private[b], lp[b]) for b in range(D + 1)] for lp in logp], budget - sum(P[:D]))
+            if found is not None:
+                key = (found[1], -self.trunk_params(found[0]))
+                if best is None or key > best[0]:
+                    best = (key, found[0])
+        if best is None:  # cannot happen once make_method checked full sharing fits
+            raise ConfigError(self._too_small(budget, self.min_params()))
+        return best[1]
+
+    def arch_values(self) -> dict[str, float]:
+        """p_t(b) per task and branch point (``b{L}``: fully shared)."""
+        if self.net is None or not isinstance(self.net, ConalNet):
+            return {}
+        probs = self.net.alpha.detach().double().softmax(-1).cpu().tolist()
+        return {f"arch/{self.spec.name}/{t}/b{b}": p for t, row in zip(self.spec.tasks, probs) for b, p in enumerate(row)}
 
     def derive(self) -> Tree:
         probs = self.net.alpha.detach().softmax(-1).cpu()
-        return Tree.from_branch_points(
+        tree = Tree.from_branch_points(
             self.spec.tasks, self.spec.n_stages, self.branch_points(), method=self.name,
             meta={"branch_probs": {n: [round(float(v), 4) for v in probs[t]] for t, n in enumerate(self.spec.tasks)}},
         )
+        exact = self.net.alpha.detach().double().softmax(-1).cpu()
+        extra = {"budget_binding": self.budget_binding} if self.derive_rule.max_params else {}
+        return self.finish(tree, {"branch_probs": {n: [round(float(v), 6) for v in exact[t]]
+                                                   for t, n in enumerate(self.spec.tasks)}}, **extra)

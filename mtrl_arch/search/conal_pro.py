@@ -66,6 +66,25 @@ again. On :class:`~mtrl_arch.synthetic.ConflictProblem` (600 steps, 200 per roun
 lr 1e-2) the search finds {A,B} | {C} for seed 0 (tested), and for 5 of seeds 0-9 (4 with
 the conflict-noticed operation); the misses are mostly hard sharing (C stays in the
 deepest round) or C sharing stage 0.
+
+Derive rules (``arch.derive``, ``arch.max_params``) act on every round's decision, so they
+shape the search itself (they run in ``end_round``) as well as a ``derive()`` mid-search;
+p = softmax(alpha[t]) over (stay, leave):
+
+* argmax (the default): stay iff ``alpha[t, stay] >= alpha[t, leave]``, as above.
+* margin M: stay unless p_leave > p_stay and p_leave - p_stay >= M (M = 0: argmax).
+  The lone-stayer rule applies to the stayers either way.
+* max_params N: the argmax stayers if the round keeps the final tree within N, otherwise
+  the stayers S maximising sum over remaining tasks of log p(their decision) (stay for S,
+  leave for the rest) among those that do (ties: more stayers). "Keeps within N": the
+  smallest final tree reachable after this round, which places every task left remaining
+  as one group in the next round (or, after the round at stage 0, makes it purely
+  specific), fits N; a ``derive()`` mid-search counts the tree it returns (the rest purely
+  specific). The optimum is exact: that parameter count depends on S only through |S|,
+  and the best S of each size is the remaining tasks with the largest
+  log p_stay - log p_leave. Staying is always feasible once the round before was (it
+  yields the bound that round checked), and full sharing, the first bound, is checked
+  when the method is made, so the final tree never exceeds N.
 """
 from __future__ import annotations
 
@@ -74,9 +93,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..tree import Tree
 from ..trunk import ParamGroup, call_bank, module_rows
 from .base import ArchMethod, Phase, TrunkSpec
+from .derive import margin_choice
 
 
 @dataclass
@@ -265,15 +286,59 @@ class ConalPro(ArchMethod):
         if self.searching and done > 0 and done % self.options.steps_per_stage == 0:
             self.end_round()
 
-    def stayers(self) -> list[int]:
-        """The remaining tasks placed if the round ended now: those preferring the shared module.
+    def arch_values(self) -> dict[str, float]:
+        """p_t(leave) of every task still choosing in the current round (``leave`` the active stage's shared module)."""
+        if self.net is None or not self.searching:
+            return {}
+        p = self.net.alpha.detach().double().softmax(-1).cpu()
+        return {f"arch/{self.spec.name}/{self.spec.tasks[t]}/leave": float(p[t, 1]) for t in self.net.remaining}
+
+    def stayers(self, ending: bool = True) -> list[int]:
+        """The remaining tasks placed if the round ended now: those preferring the shared module
+        by the derive rule (see the module docstring; ``ending``: for ``end_round``, else for a
+        ``derive()`` mid-search, which the budget counts differently).
 
         A lone stayer is placed only when it shares the module with a group placed earlier;
         otherwise it would share nothing at this stage and is left to choose again.
         """
-        alpha = self.net.alpha.detach()
-        stay = [t for t in self.net.remaining if bool(alpha[t, 0] >= alpha[t, 1])]
-        return stay if len(stay) > 1 or self.net.placed else []
+        net, rule = self.net, self.derive_rule
+        if rule.rule == "margin":
+            p = net.alpha.detach().double().softmax(-1).cpu()
+            stay = [t for t in net.remaining if margin_choice([float(p[t, 1]), float(p[t, 0])], rule.margin) == 1]
+        else:
+            alpha = net.alpha.detach()
+            stay = [t for t in net.remaining if bool(alpha[t, 0] >= alpha[t, 1])]
+        stay = stay if len(stay) > 1 or net.placed else []
+        self.budget_binding = bool(rule.max_params) and self.round_params(stay, ending) > rule.max_params
+        return self.budget_stayers(rule.max_params, ending) if self.budget_binding else stay
+
+    def round_params(self, stay: list[int], ending: bool) -> int:
+        """Trunk parameters of the tree counted for the budget if ``stay`` were placed now."""
+        net, a = self.net, self.net.active
+        rest = tuple(t for t in net.remaining if t not in stay)
+        placed = list(net.placed) + ([(tuple(stay), a)] if stay else [])
+        if ending and rest and a >= 1:  # the smallest continuation: the rest placed together next round
+            placed.append((rest, a - 1))
+        c = Tree(self.spec.tasks, self._layout(placed), method=self.name).param_counts(self.sizes())
+        return c["shared"] + c["subgroup"] + c["specific"]
+
+    def budget_stayers(self, budget: int, ending: bool) -> list[int]:
+        """The stayers with the highest sum of decision log-probabilities whose tree fits ``budget``."""
+        net = self.net
+        logp = net.alpha.detach().double().log_softmax(-1).cpu()
+        rem = list(net.remaining)
+        order = sorted(rem, key=lambda t: (-float(logp[t, 0] - logp[t, 1]), t))  # most eager to stay first
+        best = None
+        for k in range(len(rem), -1, -1):  # more stayers first, so ties go to them
+            stay = sorted(order[:k])
+            if k == 1 and not net.placed:  # a lone stayer would not be placed
+                continue
+            score = sum(float(logp[t, 0] if t in stay else logp[t, 1]) for t in rem)
+            if (best is None or score > best[0]) and self.round_params(stay, ending) <= budget:
+                best = (score, stay)
+        if best is None:  # cannot happen: staying all together fits whenever the round before did
+            raise ConfigError(self._too_small(budget, self.min_params()))
+        return best[1]
 
     def end_round(self) -> None:
         """Place this round's stayers, shrink the search space, move one stage shallower."""
@@ -284,7 +349,8 @@ class ConalPro(ArchMethod):
         stay = self.stayers()
         p = net.alpha.detach().softmax(-1)[:, 0]
         self.rounds.append({"stage": a, "stay": [self.spec.tasks[t] for t in stay],
-                            "p_stay": {self.spec.tasks[t]: round(float(p[t]), 4) for t in net.remaining}})
+                            "p_stay": {self.spec.tasks[t]: round(float(p[t]), 4) for t in net.remaining},
+                            **({"budget_binding": self.budget_binding} if self.derive_rule.max_params else {})})
         if stay:
             net.placed.append((tuple(stay), a))
             net.remaining = [t for t in net.remaining if t not in stay]
@@ -305,12 +371,25 @@ class ConalPro(ArchMethod):
 
     def derive(self) -> Tree:
         net = self.net
-        T, L = self.spec.n_tasks, self.spec.n_stages
         placed = list(net.placed)
         if self.searching:
-            stay = self.stayers()
+            stay = self.stayers(ending=False)
             if stay:
                 placed.append((tuple(stay), net.active))
+        meta = {"rounds": list(self.rounds),
+                "groups": [{"tasks": [self.spec.tasks[t] for t in g], "branch_stage": a + 1} for g, a in placed]}
+        tree = Tree(self.spec.tasks, self._layout(placed), method=self.name, meta=meta)
+        scores = {"rounds": [{k: r[k] for k in ("stage", "p_stay", "budget_binding") if k in r} for r in self.rounds]}
+        if self.searching:  # this round's decision, taken by derive()
+            p = net.alpha.detach().double().softmax(-1)[:, 0].cpu()
+            scores["current"] = {"stage": net.active, "p_stay": {self.spec.tasks[t]: round(float(p[t]), 6)
+                                                                 for t in net.remaining}}
+        return self.finish(tree, scores)
+
+    def _layout(self, placed: list[tuple[tuple[int, ...], int]]) -> tuple:
+        """Stages of the tree in which each (group, stage) of ``placed`` shares the trunk up to that
+        stage and has its own module below; tasks in no group are purely specific."""
+        T, L = self.spec.n_tasks, self.spec.n_stages
         in_group = {t for g, _ in placed for t in g}
         stages = []
         for s in range(L):
@@ -319,9 +398,7 @@ class ConalPro(ArchMethod):
             groups += [tuple(g) for g, a in placed if a < s]
             groups += [(t,) for t in range(T) if t not in in_group]
             stages.append(tuple(groups))
-        meta = {"rounds": list(self.rounds),
-                "groups": [{"tasks": [self.spec.tasks[t] for t in g], "branch_stage": a + 1} for g, a in placed]}
-        return Tree(self.spec.tasks, tuple(stages), method=self.name, meta=meta)
+        return tuple(stages)
 
     def state_dict(self) -> dict:
         net = self.net

@@ -4,9 +4,16 @@
 * ``stl``: single-task learning: every task its own copy of every stage (one network per
   task), computed batched over tasks.
 * ``manual``: a derived architecture given as an ``arch.json`` (``arch.options.path``).
+
+Derive rules: there is nothing to choose, so ``arch.derive=margin`` changes nothing (it is
+accepted, so one override can span a sweep over methods); ``arch.max_params`` is checked: a
+tree over the budget is a one-line ConfigError (hps and stl when the method is made,
+manual when its file is read). A manual tree keeps the derive record of the search that
+wrote it under ``derive.source``.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import json
@@ -45,14 +52,17 @@ class HPS(ArchMethod):
         return Phase(weights=True, arch=False)
 
     def derive(self) -> Tree:
-        return Tree.hps(self.spec.tasks, self.spec.n_stages)
+        return self.finish(Tree.hps(self.spec.tasks, self.spec.n_stages))
 
 
 class STL(HPS):
     name = "stl"
 
+    def min_params(self) -> int:
+        return self.spec.n_tasks * sum(self.sizes())
+
     def derive(self) -> Tree:
-        return Tree.stl(self.spec.tasks, self.spec.n_stages)
+        return self.finish(Tree.stl(self.spec.tasks, self.spec.n_stages))
 
 
 @dataclass
@@ -64,6 +74,9 @@ class Manual(HPS):
     name = "manual"
     Options = ManualOptions
 
+    def min_params(self) -> None:
+        return None  # the file's tree, checked when derived
+
     def derive(self) -> Tree:
         if not self.options.path:
             raise TreeError("arch.method=manual needs arch.options.path=PATH/TO/arch.json")
@@ -72,4 +85,5 @@ class Manual(HPS):
             raise TreeError(f"{self.options.path} is for tasks {list(tree.tasks)}, this run has {list(self.spec.tasks)}")
         if tree.n_stages != self.spec.n_stages:
             raise TreeError(f"{self.options.path} has {tree.n_stages} stages, this network has {self.spec.n_stages}")
-        return tree
+        out = self.finish(tree)
+        return dataclasses.replace(out, derive={**out.derive, "source": tree.derive}) if tree.derive else out

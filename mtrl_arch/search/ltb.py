@@ -23,6 +23,11 @@ Algorithm implemented:
   nodes. Nodes on no path are dropped; a node on the paths of several tasks becomes a module
   shared by them (all-shared or sub-group). Ties go to the lower node index. The loop
   retrains the derived tree from scratch.
+* Derive rules: argmax only. A parent choice is not a choice between sharing and not
+  sharing (whether two tasks share a node depends on every level's choices of both), so
+  ``arch.derive=margin`` has no "more private" side to compare, and a parameter budget
+  would need a search over joint path assignments that LTB's scores do not define; both
+  are refused with a one-line ConfigError.
 
 Departures: LibMTL's last encoder layer is fixed per task (its decoder reads node t); here
 the heads choose a parent too (the paper's tree has the task heads as leaves), so the
@@ -112,6 +117,7 @@ class LTBNet(nn.Module):
 class LTB(ArchMethod):
     name = "ltb"
     Options = LTBOptions
+    derive_rules = ()  # argmax only, see the module docstring
 
     def __init__(self, spec, options=None, seed: int = 0):
         super().__init__(spec, options, seed)
@@ -171,4 +177,5 @@ class LTB(ArchMethod):
         probs = self.net.alpha.detach().softmax(-1).cpu()
         meta = {"paths": {n: paths[t] for t, n in enumerate(self.spec.tasks)},
                 "parent_probs": [[[round(float(v), 4) for v in row] for row in lvl] for lvl in probs]}
-        return Tree(self.spec.tasks, tuple(stages), method=self.name, meta=meta)
+        tree = Tree(self.spec.tasks, tuple(stages), method=self.name, meta=meta)
+        return self.finish(tree, {"paths": meta["paths"]})

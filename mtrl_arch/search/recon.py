@@ -25,6 +25,12 @@ stage of this package may hold several modules and is ranked as one. Recon count
 iteration; a loop that computes per-task gradients only every few steps (not the case
 with ``wants_task_grads``) would count those steps only. Defaults: ``S = 0.0``
 (CityScapes; the paper uses -0.1 on Multi-Fashion+MNIST and -0.02 on NYUv2), ``k = 1``.
+
+Derive rules: ``arch.max_params=N`` replaces ``k`` (and refuses ``fraction``, another way of
+saying the same budget): the longest prefix of the ranking whose tree (turned stages once
+per task, the others once) has at most N trunk parameters (stopping at the first layer that
+does not fit, like ``fraction``). Recon has no probabilities, so ``arch.derive=margin`` is
+refused with a one-line ConfigError.
 """
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from ..conflict import cosines_from_gram
 from ..tree import Tree
 from ..trunk import ParamGroup, Trunk
@@ -52,6 +59,7 @@ class Recon(ArchMethod):
     name = "recon"
     Options = ReconOptions
     wants_task_grads = True
+    derive_rules = ("max_params",)
 
     def __init__(self, spec, options=None, seed: int = 0):
         super().__init__(spec, options, seed)
@@ -61,6 +69,12 @@ class Recon(ArchMethod):
         self.thresholds: tuple[float, ...] = tuple(th)
         self.counts: dict[str, Tensor] = {}  # layer -> [n_thresholds] (on the gradients' device)
         self.steps_seen = 0
+
+    def set_derive_rule(self, rule) -> None:
+        if rule.max_params and self.options.fraction > 0:
+            raise ConfigError("arch.max_params and arch.options.fraction both set Recon's parameter budget; "
+                              "set one of them")
+        super().set_derive_rule(rule)
 
     def build(self) -> nn.Module:
         self.net = Trunk(Tree.hps(self.spec.tasks, self.spec.n_stages), self.spec.stages, self.spec.heads)
@@ -96,6 +110,15 @@ class Recon(ArchMethod):
 
     def selected(self) -> list[int]:
         rank = self.ranking()
+        if self.derive_rule.max_params:  # turning stage s specific adds T-1 copies of it to the full-sharing trunk
+            sizes, T = self.sizes(), self.spec.n_tasks
+            out, used = [], sum(sizes)
+            for s in rank:
+                if used + (T - 1) * sizes[s] > self.derive_rule.max_params:
+                    break
+                out.append(s)
+                used += (T - 1) * sizes[s]
+            return sorted(out)
         if self.options.fraction > 0:
             sizes = self.spec.stage_params()
             budget = self.options.fraction * sum(sizes)
@@ -120,7 +143,8 @@ class Recon(ArchMethod):
             "ranking": [f"stage{s}" for s in self.ranking()],
             "task_specific": [f"stage{s}" for s in sorted(chosen)],
         }
-        return Tree(self.spec.tasks, tuple(stages), method=self.name, meta=meta)
+        tree = Tree(self.spec.tasks, tuple(stages), method=self.name, meta=meta)
+        return self.finish(tree, {"conflicts_at_S": self.scores(), "ranking": meta["ranking"]})
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "counts": {k: v.cpu() for k, v in self.counts.items()},

@@ -29,8 +29,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .bench import _context, interleaved, load_average, machine, median, paired_ratio, versions
-from .config import ConfigError
+from mtrl_arch.bench import _context, interleaved, load_average, machine, median, paired_ratio, versions
+from mtrl_arch.config import ConfigError
 
 SAC_TARGETS = {"speedup_vs_sb3": 1.3, "conal_speedup_vs_sb3": 1.15, "ours_fraction_of_matmul_peak": 0.85}
 
@@ -59,7 +59,7 @@ def _sync(device: str) -> None:
 
 def _arch_file(tasks: tuple[str, ...], n_stages: int, branch: int) -> str:
     """An arch.json with a CoNAL-shaped tree (every task branching at ``branch``) for actor and critic."""
-    from .tree import Tree
+    from mtrl_arch.tree import Tree
 
     tree = Tree.from_branch_points(tasks, n_stages, [branch] * len(tasks))
     path = Path(tempfile.mkdtemp(prefix="mtrl-bench-")) / "arch.json"
@@ -133,8 +133,9 @@ def _sb3_sac(o: SacUpdateOptions):
 
 
 def _mtsac(o: SacUpdateOptions, method: str, *extra: str):
-    from .agents.sac import MTSAC
-    from .config import load_config
+    from mtrl_arch.config import load_config
+
+    from .sac import MTSAC
 
     cfg = load_config(None, [f"arch.method={method}", f"model.hidden={list(o.hidden)}", f"agent.batch_per_task={o.batch}",
                              f"agent.buffer_size={o.buffer}", f"agent.grad_clip={o.grad_clip}", f"device={o.device}",
@@ -145,7 +146,7 @@ def _mtsac(o: SacUpdateOptions, method: str, *extra: str):
 
 
 def bench_sac_update(o: SacUpdateOptions) -> dict[str, Any]:
-    from .agents.sac import keep_freed_memory
+    from .rl_loop import keep_freed_memory
 
     L = len(o.hidden)
     branch = o.branch if o.branch >= 0 else L // 2
@@ -270,9 +271,10 @@ class StlVsMtOptions:
 def bench_stl_vs_mt(o: StlVsMtOptions) -> dict[str, Any]:
     from stable_baselines3 import SAC
 
-    from .agents.sac import MTSAC
-    from .config import load_config
-    from .envs.metaworld import MT10_TASKS, MetaWorldMT, make_benchmark, make_task_env
+    from mtrl_arch.config import load_config
+    from mtrl_arch.envs.metaworld import MT10_TASKS, MetaWorldMT, make_benchmark, make_task_env
+
+    from .sac import MTSAC
 
     tasks, L = MT10_TASKS, len(o.hidden)
     T, branch = len(tasks), o.branch if o.branch >= 0 else len(o.hidden) // 2
@@ -341,9 +343,10 @@ class EnvOptions:
 
 
 def bench_env(o: EnvOptions) -> dict[str, Any]:
-    from .agents.sac import MTSAC
-    from .config import load_config
-    from .envs.metaworld import MT10_TASKS, MetaWorldMT, make_benchmark
+    from mtrl_arch.config import load_config
+    from mtrl_arch.envs.metaworld import MT10_TASKS, MetaWorldMT, make_benchmark
+
+    from .sac import MTSAC
 
     tasks, T, L = MT10_TASKS, len(MT10_TASKS), len(o.hidden)
     branch = o.branch if o.branch >= 0 else L // 2
@@ -492,7 +495,7 @@ def bench_gpu(o: GpuCheckOptions) -> dict[str, Any]:
     parts["mt10_run"] = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"the timed mt10_hps run failed (exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
-    from .logger import read_metrics
+    from mtrl_arch.logger import read_metrics
 
     lines = read_metrics(run_dir)
     cfg_tasks = 2 if dry else 10

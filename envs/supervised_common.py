@@ -1,0 +1,143 @@
+"""What every supervised adapter module shares: the adapter record, the option classes, the data root,
+tied initialisation, the trunk spec, per-task head slices and metric directions.
+
+:mod:`.supervised` (the registry, Multi-* and CelebA), :mod:`.supervised_scenes` and
+:mod:`.supervised_glue` import these from here, so none of them imports another.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from mtrl_arch import metrics as M
+from mtrl_arch.config import Config
+from mtrl_arch.search.base import TrunkSpec
+
+from . import vision_metrics as VM
+from .backbones import StageSpec
+
+
+@dataclass
+class TaskAdapter:
+    name: str
+    tasks: tuple[str, ...]
+    spec: TrunkSpec
+    shared_input: bool
+    train: Any
+    val: Any | None
+    test: Any
+    inputs: Callable[[dict], tuple[Tensor, Tensor | None]]
+    losses: Callable[[Tensor, dict], Tensor]
+    metrics: Callable[[], Any]
+    lower_is_better: dict[str, dict[str, bool]]
+    info: dict = field(default_factory=dict)
+
+
+# ---- options ------------------------------------------------------------------------------------
+@dataclass
+class MultiDigitData:
+    cache_dir: str = ""       # keep the generated composites here as .npz (empty: regenerate, ~4 s)
+    generator_seed: int = 0   # seed of the composites and of the validation split (fixed across run seeds)
+    train_subset: int = 0     # use a seeded subset of this many training examples (0: all)
+    eval_subset: int = 0      # likewise for the validation and test sets
+    check_counts: bool = True  # false: accept IDX files holding a subset (e.g. tests/fixtures/data)
+
+
+@dataclass
+class CelebAData:
+    image_size: list = field(default_factory=list)  # [h, w]: resize JPEGs (npy images must have their size already)
+    image_source: str = "auto"  # auto | jpg | npy
+    train_subset: int = 0
+    eval_subset: int = 0
+
+
+@dataclass
+class SceneData:
+    n_classes: int = 7        # CityScapes only: 7 (MTAN/LibMTL) or 19
+    train_subset: int = 0
+    eval_subset: int = 0
+
+
+@dataclass
+class GlueData:
+    vocab_size: int = 8000    # WordPiece vocabulary learned on the chosen tasks' training text
+    min_frequency: int = 2
+    max_len: int = 128        # tokens per example, [CLS] and [SEP] included
+    train_subset: int = 0     # per task
+    eval_subset: int = 0      # per task
+
+
+@dataclass
+class LeNetModel:
+    tied_init: bool = True
+
+
+@dataclass
+class ResNetModel:
+    width: int = 64           # channels of the first stage (64: ResNet-18)
+    out_features: int = 100   # classification: the shared 512 -> 100 layer (Recon); dense: head hidden width
+    tied_init: bool = True
+
+
+@dataclass
+class TransformerModel:
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: int = 256
+    n_layers: int = 4
+    dropout: float = 0.1
+    tied_init: bool = True
+
+
+DEFAULT_ROOTS = {"multi_mnist": "data", "multi_fashion": "data", "multi_fashion_mnist": "data", "glue": "data",
+                 "celeba": "data/celeba", "nyuv2": "data/nyuv2", "cityscapes": "data/cityscapes"}
+
+
+def data_root(cfg: Config) -> Path:
+    return Path(os.path.expandvars(os.path.expanduser(cfg.data.root or DEFAULT_ROOTS[cfg.data.name])))
+
+
+# ---- shared pieces ----------------------------------------------------------------------------------
+def tied(factory: Callable[[int], nn.Module], seed: int) -> Callable[[int], nn.Module]:
+    """A stage factory whose every module copy starts from one set of weights (drawn once, from ``seed``)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        template = {k: v.detach().clone() for k, v in factory(1).state_dict().items()}
+
+    def make(n: int) -> nn.Module:
+        bank = factory(n)
+        with torch.no_grad():
+            for k, v in bank.state_dict().items():  # views of the parameters and buffers
+                if v.shape[:1] != (n,):
+                    raise ValueError(f"tied init needs module-stacked tensors; {k} has shape {tuple(v.shape)}")
+                v.copy_(template[k].expand_as(v))
+        return bank
+
+    spec = StageSpec(make, getattr(factory, "name", "stage") + " (tied)", getattr(factory, "residual_shaped", False))
+    return spec
+
+
+def _spec(tasks, stages: list, heads, model_opts, seed: int) -> TrunkSpec:
+    residual = tuple(bool(getattr(f, "residual_shaped", False)) for f in stages)
+    if getattr(model_opts, "tied_init", False):
+        stages = [tied(f, seed * 1000 + s) for s, f in enumerate(stages)]
+    return TrunkSpec(tuple(tasks), stages, heads, residual=residual, name="trunk")
+
+
+def _slice(out: Tensor, t: int, width: int) -> Tensor:
+    """Task t's outputs: the first ``width`` channels of its head (dim 2 of ``[T, B, C, ...]``)."""
+    return out[t, :, :width]
+
+
+def _lib(tasks, metric_names: dict[str, tuple[str, ...]]) -> dict[str, dict[str, bool]]:
+    directions = {**M.LOWER_IS_BETTER, **VM.LOWER_IS_BETTER}
+    return {t: {m: directions[m] for m in metric_names[t]} for t in tasks}
+
+
+def _masked_mean(x: Tensor, m: Tensor) -> Tensor:
+    return (x * m).sum() / m.sum().clamp_min(1)
