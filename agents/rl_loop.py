@@ -404,7 +404,9 @@ class RLRun:
         out: dict[str, float] = dict(rates)
         if self._stats:
             self.check_finite()  # names the exact update, task and loss term
-        keys, tasks = self.agent.STATS, self.agent.tasks
+        tasks = self.agent.tasks
+        # every statistic all pending updates have (a checkpoint from an older version may lack newer ones)
+        keys = [k for k in self.agent.STATS if all(k in st for st in self._stats)]
         # sums and counts: pending update statistics [K, T] and episodes' (return, success, count) [3, T]
         stats = torch.stack([torch.stack([s[k].float() for k in keys]) for s in self._stats]).sum(0).cpu().double() \
             if self._stats else torch.zeros(len(keys), self.T, dtype=torch.float64)
@@ -419,7 +421,7 @@ class RLRun:
         if n:
             for k, v in zip(keys, (stats / n).tolist()):
                 out[f"train/{k}"] = float(np.mean(v))
-                if k in ("alpha", "critic_loss"):
+                if k in ("alpha", "critic_loss", "q_target"):
                     out.update({f"train/{k}/{t}": x for t, x in zip(tasks, v)})
         seen = [i for i in range(self.T) if eps[2, i] > 0]
         for row, key in ((0, "return"), (1, "success")):

@@ -136,7 +136,8 @@ class Critic(nn.Module):
 class MTSAC:
     """Multi-task SAC with stable-baselines3's verbs: ``learn``, ``predict``, ``save``, ``load``."""
 
-    STATS = ("critic_loss", "actor_loss", "alpha", "entropy")  # what train_step returns, each [T]
+    # what train_step returns, each [T]; q_target: the batch's mean TD target (the scale the critics learn)
+    STATS = ("critic_loss", "actor_loss", "alpha", "entropy", "q_target")
 
     def __init__(self, tasks: tuple[str, ...], obs_dim: int, action_dim: int, config: Config,
                  device: torch.device | str = "cpu", episode_len: int | None = None):
@@ -294,7 +295,8 @@ class MTSAC:
         self.n_updates += 1
         if self._cuda_graphs:  # the loop logs these after later steps have run
             critic_losses, actor_losses = critic_losses.clone(), actor_losses.clone()
-        return {"critic_loss": critic_losses, "actor_loss": actor_losses, "alpha": alpha, "entropy": -stats["logp"]}
+        return {"critic_loss": critic_losses, "actor_loss": actor_losses, "alpha": alpha, "entropy": -stats["logp"],
+                "q_target": target.detach().mean(-1)}
 
     def _epoch_step(self, critic_losses: Tensor, actor_losses: Tensor) -> None:
         """Accumulate this update's per-task losses; every ``agent.dwa_epoch_updates`` updates end an epoch."""

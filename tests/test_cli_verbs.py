@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from data_roots import data_overrides
@@ -17,12 +16,7 @@ from mtrl_arch.config import available_configs, load_config, resolve_config_path
 from mtrl_arch.logger import read_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lenet(cache: Path) -> list[str]:

@@ -132,7 +132,7 @@ def test_one_process_pays_nothing():
 
 
 # ---- MT-SAC -------------------------------------------------------------------------------------------
-SAC = ["mt10_conal", "arch.conflict_noticed=false", "arch.options.lr=3e-3", "env.tasks=[reach-v3,push-v3]", "model.hidden=[32,32]", "arch.search_steps=40",
+SAC = ["mt10_conal", "arch.conflict_noticed=false", "env.tasks=[reach-v3,push-v3]", "model.hidden=[32,32]", "arch.search_steps=40",
        "train.warmup_steps=20", "train.updates_per_step=1", "agent.batch_per_task=16", "agent.buffer_size=2000",
        "env.max_episode_steps=20", "eval.every_env_steps=200", "eval.episodes_per_task=1",
        "eval.final_episodes_per_task=1", "train.log_every=100", "train.checkpoint_every=200", "device=cpu",
@@ -215,7 +215,7 @@ def test_mtsac_a_rank_failing_mid_training_stops_the_job(tmp_path):
         "from mtrl_arch.cli import main\n"
         "if os.environ.get('RANK') == '1':\n"
         "    from mtrl_arch.agents.rl_loop import RLRun, NonFiniteError\n"
-        "    def diverge(self, rates):\n"
+        "    def diverge(self, rates, keep=False):\n"
         "        raise NonFiniteError('non-finite critic_loss (task push-v3) at env step 100')\n"
         "    RLRun._log_train = diverge\n"
         "sys.exit(main(sys.argv[1:]))\n")

@@ -56,14 +56,6 @@ def bench(tmp_path_factory) -> Path:
     return p
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def resume_in_process(d: Path, capsys) -> str:
     """``mtrl-arch train --resume d`` in this process; its stderr."""
     capsys.readouterr()

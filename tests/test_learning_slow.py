@@ -31,11 +31,13 @@ def test_mtsac_learns_reach(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_the_main_job_shortened_learns_reach_and_drawer_close(tmp_path) -> None:
-    """`mtrl-arch train mt10_quick` (the README's main job) on two of its tasks, 20k env steps each, one thread.
+def test_the_main_job_shortened_learns_drawer_close(tmp_path) -> None:
+    """`mtrl-arch train mt10_quick` (the README's main job) on reach and drawer-close, 20k env steps each, one thread.
 
-    The full job's first seed ended with drawer-close 0.98 and reach 0.28 (50 goals) after 20k env steps per
-    task; evaluations at 10k per task start at 0 for reach.
+    Seen with seed 0 (13 min 22 s on a 2-core CPU beside two other training runs): mean success 0.0 / 0.3 /
+    0.5 at 10k / 20k / 30k env steps (5 goals per task), and 0.5 at 40k on all 50 goals: drawer-close 1.0
+    from 30k on, reach still 0.0 (in the full four-task job reach reached 0.22-0.32 at 20k per task over
+    three seeds). The test asserts the rise and drawer-close's success with a margin.
     """
     run = tmp_path / "quick"
     rc = main(["train", "mt10_quick", "env.tasks=[reach-v3,drawer-close-v3]", "train.total_env_steps=40000",
@@ -45,6 +47,6 @@ def test_the_main_job_shortened_learns_reach_and_drawer_close(tmp_path) -> None:
     evals = [r for r in read_metrics(run) if "eval/success_rate/mean" in r]
     first, final = evals[0], evals[-1]
     assert first["step"] == 10000 and final["step"] == 40000 and final["eval/episodes_per_task"] == 50
-    assert first["eval/success_rate/mean"] < 0.5, first
+    assert first["eval/success_rate/mean"] < 0.2, first
     assert final["eval/success_rate/drawer-close-v3"] >= 0.8, final
-    assert final["eval/success_rate/mean"] >= 0.5, final
+    assert final["eval/success_rate/mean"] >= 0.4, final

@@ -34,13 +34,29 @@ SUPERVISED_CONFIGS = sorted(
        "nyuv2_hps", "nyuv2_conal", "cityscapes_hps", "cityscapes_conal", "glue_hps", "glue_stl", "glue_conal"])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is 10x faster than two on a busy two-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is 10x faster on a busy 2-core CPU
+
+
+def sigint_at_loss_call(n: int):
+    """A ``make_adapter`` whose adapter raises SIGINT inside the n-th call of its losses (a stop mid-step)."""
+    from mtrl_arch.envs.supervised import make_adapter
+
+    calls = {"n": 0}
+
+    def make(c):
+        adapter = make_adapter(c)
+        inner = adapter.losses
+
+        def losses(out, batch):
+            calls["n"] += 1
+            if calls["n"] == n:
+                signal.raise_signal(signal.SIGINT)
+            return inner(out, batch)
+
+        adapter.losses = losses
+        return adapter
+
+    return make
 
 
 @pytest.fixture(scope="session")
@@ -142,22 +158,8 @@ def test_resume_mid_search_after_signal(tmp_path, cache):
     cfg = load_config("multi_fashion_mnist_conal", over)
     straight = train_supervised(cfg, tmp_path / "a", progress=False, make_adapter=make_adapter)
 
-    calls = {"n": 0}
-
-    def interrupting(c):
-        adapter = make_adapter(c)
-        inner = adapter.losses
-
-        def losses(out, batch):
-            calls["n"] += 1
-            if calls["n"] == 4:  # inside the second search step's weight step (2 calls per step: weights, alpha)
-                signal.raise_signal(signal.SIGINT)
-            return inner(out, batch)
-
-        adapter.losses = losses
-        return adapter
-
-    part = train_supervised(cfg, tmp_path / "b", progress=False, make_adapter=interrupting)
+    # inside the second search step's weight step (2 loss calls per step: weights, alpha)
+    part = train_supervised(cfg, tmp_path / "b", progress=False, make_adapter=sigint_at_loss_call(4))
     assert not any(k.startswith("eval/") for k in part)  # stopped before the retrain
     assert not (tmp_path / "b" / "arch.json").exists()
     resumed = train_supervised(cfg, tmp_path / "b", resume=True, progress=False, make_adapter=make_adapter)
@@ -387,22 +389,8 @@ def test_scheduled_search_stopped_and_resumed_is_exact(tmp_path, cache, method):
     over = _multi(cache, "arch.search_steps=5", "train.limit_batches=5", "train.epochs=1", *SCHEDULED[method])
     cfg = load_config(f"multi_fashion_mnist_{method}", over)
     straight = train_supervised(cfg, tmp_path / "a", progress=False, make_adapter=make_adapter)
-    calls = {"n": 0}
-
-    def interrupting(c):
-        adapter = make_adapter(c)
-        inner = adapter.losses
-
-        def losses(out, batch):
-            calls["n"] += 1
-            if calls["n"] == 3:  # in the third search step (one loss call each: weights or policy)
-                signal.raise_signal(signal.SIGINT)
-            return inner(out, batch)
-
-        adapter.losses = losses
-        return adapter
-
-    train_supervised(cfg, tmp_path / "b", progress=False, make_adapter=interrupting)
+    # in the third search step (one loss call each: weights or policy)
+    train_supervised(cfg, tmp_path / "b", progress=False, make_adapter=sigint_at_loss_call(3))
     assert C.list_steps(tmp_path / "b" / "checkpoints") == [3]
     _, state = C.read_checkpoint(C.checkpoint_path(tmp_path / "b" / "checkpoints", 3))
     assert state["searching"] and state["search_done"] == 3
