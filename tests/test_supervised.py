@@ -264,7 +264,7 @@ def test_limit_batches_caps_the_search_and_eval_limit_batches_the_evaluation(tmp
 
     seen: list[_CountingMetrics] = []
     cfg = load_config("multi_fashion_mnist_conal", _multi(cache, "arch.search_steps=40", "train.limit_batches=5",
-                                                           "eval.limit_batches=2", "train.epochs=1"))
+                                                           "eval.limit_batches=2", "eval.batch_size=8", "train.epochs=1"))
     res = train_supervised(cfg, tmp_path / "run", progress=False, make_adapter=_counting(make_adapter, seen))
     recs = read_metrics(tmp_path / "run")
     assert [r["step"] for r in recs if r.get("phase") == "search"] == [5]  # one epoch of 5 search steps
@@ -278,7 +278,9 @@ def test_stop_during_evaluation_abandons_it_and_resumes_exactly(tmp_path, cache,
     of the epoch's last step, and the resumed run ends that epoch (evaluation included) as if uninterrupted."""
     import mtrl_arch.envs.supervised as S
 
-    over = _multi(cache, "train.epochs=2", "eval.limit_batches=4", "eval.every_epochs=1", "train.checkpoint_every=1")
+    # eval batches of 8: several per split on the real-data subset too
+    over = _multi(cache, "train.epochs=2", "eval.limit_batches=4", "eval.batch_size=8", "eval.every_epochs=1",
+                  "train.checkpoint_every=1")
     straight, run = tmp_path / "straight", tmp_path / "run"
     assert _train("multi_fashion_mnist_hps", straight, over) == 0
     seen: list[_CountingMetrics] = []
