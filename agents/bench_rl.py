@@ -498,10 +498,9 @@ def bench_gpu(o: GpuCheckOptions) -> dict[str, Any]:
     from mtrl_arch.logger import read_metrics
 
     lines = read_metrics(run_dir)
-    cfg_tasks = 2 if dry else 10
-    warm_env = (100 if dry else 4000) * cfg_tasks
-    # steady state: the training windows that start after the warm-up (one update per vector step)
-    windows = [r for r in lines if "time/env_steps_per_s" in r and r["step"] > warm_env + (200 if dry else 10_000)]
+    train = [r for r in lines if "time/env_steps_per_s" in r]
+    # steady state: the log windows that begin with updates already running (past the warm-up)
+    windows = [b for a, b in zip(train, train[1:]) if a.get("train/n_updates", 0) > 0]
     env_rate = statistics.median(r["time/env_steps_per_s"] for r in windows) if windows else float("nan")
     upd_rate = statistics.median(r["time/updates_per_s"] for r in windows) if windows else float("nan")
     ev = [r for r in lines if "time/eval_seconds" in r][-1]

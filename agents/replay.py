@@ -50,8 +50,10 @@ class TaskBalancedReplay:
         self.size = 0
         self._rows = torch.arange(T, device=d)[:, None]
         if self.val_every:  # every slot of each split, ascending: a split's slots below ``size`` are a prefix
-            is_val = (torch.arange(capacity, device=d) // self.episode_len) % self.val_every == 1
-            self._split_slots = {"val": torch.nonzero(is_val).squeeze(1), "train": torch.nonzero(~is_val).squeeze(1)}
+            is_val = (torch.arange(capacity) // self.episode_len) % self.val_every == 1
+            # counted on the host (no device sync per sample), gathered on the device
+            self._split_host = {"val": torch.nonzero(is_val).squeeze(1), "train": torch.nonzero(~is_val).squeeze(1)}
+            self._split_slots = {k: v.to(d) for k, v in self._split_host.items()}
 
     def add(self, obs, action, reward, next_obs, done) -> None:
         """One transition per task: arrays with leading dim T (numpy or torch)."""
@@ -67,7 +69,7 @@ class TaskBalancedReplay:
         return self._filled("val") if self.val_every else 0
 
     def _filled(self, split: str) -> int:
-        return int(torch.searchsorted(self._split_slots[split], self.size))
+        return int(torch.searchsorted(self._split_host[split], self.size))
 
     def _slots(self, n: int, split: str, g: torch.Generator | None) -> Tensor:
         if not self.val_every or split == "all":

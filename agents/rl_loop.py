@@ -44,15 +44,11 @@ import torch
 
 from mtrl_arch import distributed
 from mtrl_arch.logger import progress_bar
-from mtrl_arch.checkpoint import (NonFiniteError, assert_finite, list_steps, rng_preserved, rng_state, save_checkpoint,
-                                  set_rng_state)
+from mtrl_arch.checkpoint import (NonFiniteError, StopRequested, assert_finite, list_steps, rng_preserved, rng_state,
+                                  save_checkpoint, set_rng_state)
 from mtrl_arch.run import check_resume_key, restore_schedules, resume_key
 
 __all__ = ["RLRun", "NonFiniteError", "graceful_stop", "episode_seed", "shared_state"]
-
-
-class StopRequested(Exception):
-    """Raised inside an evaluation when SIGINT/SIGTERM arrived, to end it early."""
 
 
 @contextmanager

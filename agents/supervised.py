@@ -68,7 +68,8 @@ import torch
 from torch import Tensor, nn
 
 from mtrl_arch import distributed
-from mtrl_arch.checkpoint import NonFiniteError, load_latest, rng_preserved, rng_state, save_checkpoint, set_rng_state
+from mtrl_arch.checkpoint import (NonFiniteError, StopRequested, load_latest, rng_preserved, rng_state, save_checkpoint,
+                                  set_rng_state)
 from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.logger import Logger, progress_bar, read_metrics
 from mtrl_arch.metrics import delta_m
@@ -80,8 +81,6 @@ from mtrl_arch.tree import Tree
 from mtrl_arch.trunk import Trunk
 from mtrl_arch.update import GradientCombiner
 from mtrl_arch.weighting import make_weighting
-
-from .rl_loop import StopRequested
 
 
 class Data(Protocol):

@@ -186,7 +186,7 @@ def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str]:
     if spec is None:
         return None, (f"counts need the data: data.name={cfg.data.name} learns its vocabulary, hence the embedding's "
                       "size, from the training text")
-    method = make_method(cfg.arch.method, spec, cfg.arch.options, cfg.seed)
+    method = make_method(cfg.arch.method, spec, cfg.arch.options, cfg.seed, derive=cfg.arch)
     if method.searches and cfg.arch.search_steps > 0:
         total = sum(p.numel() for p in weight_parameters(method.build()))
         return ({"search": {"total": total}}, "the search network (arch.search_steps > 0; the derived tree's trunk "

@@ -54,6 +54,10 @@ class NonFiniteError(RuntimeError):
     """A loss or parameter became NaN/inf; the run stops and keeps its last good checkpoint."""
 
 
+class StopRequested(Exception):
+    """Raised inside an evaluation when SIGINT/SIGTERM arrived, to end it early (every loop's evaluations)."""
+
+
 # ---- RNG --------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
