@@ -24,13 +24,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 
 from mtrl_arch.bench import _context, interleaved, load_average, machine, median, paired_ratio, versions
-from mtrl_arch.config import ConfigError
 
 SAC_TARGETS = {"speedup_vs_sb3": 1.3, "conal_speedup_vs_sb3": 1.15, "ours_fraction_of_matmul_peak": 0.85}
 
@@ -90,9 +89,9 @@ class SacUpdateOptions:
     grad_clip: float = 0.0           # 0: no clipping, as SB3 (MT10 configs clip at 1.0)
     branch: int = -1                 # the CoNAL tree's branch point (-1: stages // 2)
     search: bool = True              # also one CoNAL search step (weights + alphas), with and without CN
-    compile: bool = False            # also our update with agent.compile=true (compile time left out)
-    compile_mode: str = "default"    # its agent.compile_mode (reduce-overhead: CUDA graphs on a GPU)
-    amp: bool = False                # also our update with agent.amp=true (bf16 autocast)
+    compile: bool = False            # also our update with train.compile=true (compile time left out)
+    compile_mode: str = "default"    # its train.compile_mode (reduce-overhead: CUDA graphs on a GPU)
+    amp: bool = False                # also our update with train.amp=true (bf16 autocast)
     iters: int = 5                   # updates per timed call
     reps: int = 7
     warmup: int = 1
@@ -138,7 +137,7 @@ def _mtsac(o: SacUpdateOptions, method: str, *extra: str):
     from .sac import MTSAC
 
     cfg = load_config(None, [f"arch.method={method}", f"model.hidden={list(o.hidden)}", f"agent.batch_per_task={o.batch}",
-                             f"agent.buffer_size={o.buffer}", f"agent.grad_clip={o.grad_clip}", f"device={o.device}",
+                             f"agent.buffer_size={o.buffer}", f"train.grad_clip={o.grad_clip}", f"device={o.device}",
                              f"seed={o.seed}", "wandb.mode=disabled", *extra])
     agent = MTSAC(tuple(f"task{i}" for i in range(o.tasks)), o.obs, o.action, cfg, o.device)
     _fill_replay(agent.replay, o.seed)
@@ -159,9 +158,9 @@ def bench_sac_update(o: SacUpdateOptions) -> dict[str, Any]:
         agents["conal_search"] = _mtsac(o, "conal", "arch.search_steps=1000000000")
         agents["conal_search_cn"] = _mtsac(o, "conal", "arch.search_steps=1000000000", "arch.conflict_noticed=true")
     if o.compile:
-        agents["ours_compiled"] = _mtsac(o, "hps", "agent.compile=true", f"agent.compile_mode={o.compile_mode}")
+        agents["ours_compiled"] = _mtsac(o, "hps", "train.compile=true", f"train.compile_mode={o.compile_mode}")
     if o.amp:
-        agents["ours_amp"] = _mtsac(o, "hps", "agent.amp=true")
+        agents["ours_amp"] = _mtsac(o, "hps", "train.amp=true")
     sb3 = _sb3_sac(o)
     N = o.tasks * o.batch
 
@@ -284,7 +283,7 @@ def bench_stl_vs_mt(o: StlVsMtOptions) -> dict[str, Any]:
                              f"model.hidden={list(o.hidden)}", f"agent.batch_per_task={o.batch}",
                              f"agent.buffer_size={T * o.steps}", f"train.warmup_steps={o.warmup}",
                              "train.updates_per_step=1", "eval.every_env_steps=0", "train.log_every=1000000000",
-                             "train.checkpoint_every=0", f"device={o.device}", f"seed={o.seed}", "wandb.mode=disabled"])
+                             "train.checkpoint_every_env_steps=0", f"device={o.device}", f"seed={o.seed}", "wandb.mode=disabled"])
     ours = MTSAC.from_env(env, cfg, o.device)
     models = [SAC("MlpPolicy", make_task_env("MT10", t, o.seed, benchmark_obj=bench_obj),
                   policy_kwargs={"net_arch": list(o.hidden)}, batch_size=o.batch, buffer_size=o.steps,
@@ -366,7 +365,7 @@ def bench_env(o: EnvOptions) -> dict[str, Any]:
     cfg = load_config(None, ["arch.method=manual", f"arch.options.path={_arch_file(tasks, L, branch)}",
                              f"model.hidden={list(o.hidden)}", f"agent.batch_per_task={o.batch}", "agent.buffer_size=100000",
                              f"train.warmup_steps={o.train_warmup}", "train.updates_per_step=1", "eval.every_env_steps=0",
-                             "train.log_every=1000000000", "train.checkpoint_every=0", "device=cpu", f"seed={o.seed}",
+                             "train.log_every=1000000000", "train.checkpoint_every_env_steps=0", "device=cpu", f"seed={o.seed}",
                              "wandb.mode=disabled"])
     train_env = MetaWorldMT("MT10", tasks, seed=o.seed, benchmark_obj=bench_obj)
     agent = MTSAC.from_env(train_env, cfg, "cpu")
@@ -437,7 +436,7 @@ def _timed(obj: Any, name: str, key: str, spent: dict[str, float]) -> None:
 @dataclass
 class GpuCheckOptions:
     device: str = "auto"             # auto: cuda when available, else cpu (where dry is forced)
-    dry: str = "auto"                # auto: dry on a CPU; true: tiny sizes (a test of the whole check); false: full
+    dry: bool | Literal["auto"] = "auto"  # auto: dry on a CPU; true: tiny sizes (a test of the whole check); false: full
     run_env_steps: int = 100_000     # the timed mt10_hps run (env steps summed over tasks)
     vector: str = "async"            # its env.vector: async steps the ten tasks in ten processes
     eval_episodes: int = 5           # its final evaluation (episodes per task), timed and scaled to the protocol's 50
@@ -462,10 +461,7 @@ def bench_gpu(o: GpuCheckOptions) -> dict[str, Any]:
     import sys
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if o.device == "auto" else o.device
-    dry_opt = str(o.dry).lower()
-    if dry_opt not in ("auto", "true", "false"):
-        raise ConfigError(f"bench option dry must be auto, true or false; got {o.dry!r}")
-    dry = dry_opt == "true" or device == "cpu"
+    dry = o.dry is True or device == "cpu"
     t_start = time.perf_counter()
     parts: dict[str, float] = {}
 
@@ -490,7 +486,7 @@ def bench_gpu(o: GpuCheckOptions) -> dict[str, Any]:
             else [f"train.total_env_steps={o.run_env_steps}", f"eval.final_episodes_per_task={o.eval_episodes}",
                   "train.log_every=10000", f"env.vector={o.vector}"])
     cmd = [sys.executable, "-m", "mtrl_arch.cli", "train", "mt10_hps", *over, f"device={device}", "eval.every_env_steps=0",
-           "train.checkpoint_every=0", "wandb.mode=disabled", f"run_dir={run_dir}", "--no-progress"]
+           "train.checkpoint_every_env_steps=0", "wandb.mode=disabled", f"run_dir={run_dir}", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     parts["mt10_run"] = time.perf_counter() - t0
     if proc.returncode != 0:

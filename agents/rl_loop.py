@@ -289,7 +289,7 @@ class RLRun:
         n_vector = total_env_steps // TW
         search_vec = cfg.arch.search_steps if agent.searching else 0
         # exact at any step: a resume replays the episode's actions (see the module docstring)
-        ckpt_every = -(-cfg.train.checkpoint_every // TW) if cfg.train.checkpoint_every else 0
+        ckpt_every = -(-cfg.train.checkpoint_every_env_steps // TW) if cfg.train.checkpoint_every_env_steps else 0
         eval_every = cfg.eval.every_env_steps // TW if cfg.eval.every_env_steps else 0
         log_every = max(1, cfg.train.log_every // TW)
         if not self._seeded:  # a fresh run: this rank's exploration noise (a resume restores the checkpoint's state)

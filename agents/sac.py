@@ -43,7 +43,7 @@ from mtrl_arch.config import Config
 from mtrl_arch.search import TrunkSpec, make_method
 from mtrl_arch.steps import weight_parameters, weight_step
 from mtrl_arch.tree import Tree
-from mtrl_arch.trunk import Trunk, ensemble_input, ensemble_output, ensemble_stage, linear_stage, mlp_stages
+from mtrl_arch.trunk import Trunk, ensemble_input, ensemble_output, ensemble_stage, linear_stage, mlp_stages, tie_stages
 from mtrl_arch.update import GradientCombiner
 from mtrl_arch.weighting import Weighting, make_weighting
 
@@ -61,19 +61,31 @@ def make_adam(params: list[nn.Parameter], lr: float, eps: float = 1e-8) -> torch
         return torch.optim.Adam(params, lr=lr, eps=eps, foreach=True)
 
 
-def actor_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "relu", init: str = "torch") -> TrunkSpec:
-    return TrunkSpec(tuple(tasks), mlp_stages(obs_dim, hidden, activation, init),
+# tied initialisation (model.tied_init): stage s of the actor starts from seed*1000 + s, the critics' from
+# seed*1000 + 500 + s, one template per critic (members stay independent, each member's copies are tied)
+CRITIC_TIE_OFFSET = 500
+
+
+def actor_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "relu", init: str = "torch",
+               tie_seed: int | None = None) -> TrunkSpec:
+    stages = mlp_stages(obs_dim, hidden, activation, init)
+    return TrunkSpec(tuple(tasks), stages if tie_seed is None else tie_stages(stages, tie_seed * 1000),
                      linear_stage(hidden[-1], 2 * action_dim, "identity", init),
                      residual=tuple(i > 0 and hidden[i] == hidden[i - 1] for i in range(len(hidden))), name="actor")
 
 
-def critic_member_stages(obs_dim: int, action_dim: int, hidden, activation: str = "relu", init: str = "torch"):
-    """One critic's stage factories and head factory (the ensemble is added by the caller)."""
-    return mlp_stages(obs_dim + action_dim, hidden, activation, init), linear_stage(hidden[-1], 1, "identity", init)
+def critic_member_stages(obs_dim: int, action_dim: int, hidden, activation: str = "relu", init: str = "torch",
+                         tie_seed: int | None = None):
+    """One critic's stage factories and head factory (the ensemble is added by the caller; tied per member)."""
+    stages = mlp_stages(obs_dim + action_dim, hidden, activation, init)
+    if tie_seed is not None:
+        stages = tie_stages(stages, tie_seed * 1000 + CRITIC_TIE_OFFSET, members=N_CRITICS)
+    return stages, linear_stage(hidden[-1], 1, "identity", init)
 
 
-def critic_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "relu", init: str = "torch") -> TrunkSpec:
-    stages, head = critic_member_stages(obs_dim, action_dim, hidden, activation, init)
+def critic_spec(tasks, obs_dim: int, action_dim: int, hidden, activation: str = "relu", init: str = "torch",
+                tie_seed: int | None = None) -> TrunkSpec:
+    stages, head = critic_member_stages(obs_dim, action_dim, hidden, activation, init, tie_seed)
     return TrunkSpec(tuple(tasks), [ensemble_stage(f, N_CRITICS) for f in stages], ensemble_stage(head, N_CRITICS),
                      residual=tuple(i > 0 and hidden[i] == hidden[i - 1] for i in range(len(hidden))), name="critic")
 
@@ -160,11 +172,12 @@ class MTSAC:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             m, critic_hidden = config.model, list(a.critic_hidden or config.model.hidden)
+            tie = config.seed if m.tied_init else None
             self.actor_method = make_method(config.arch.method, actor_spec(tasks, obs_dim, action_dim, m.hidden, m.activation,
-                                                                           m.init), config.arch.options, config.seed,
+                                                                           m.init, tie), config.arch.options, config.seed,
                                             derive=config.arch)
             self.critic_method = make_method(config.arch.method, critic_spec(tasks, obs_dim, action_dim, critic_hidden,
-                                                                             m.activation, m.init), config.arch.options,
+                                                                             m.activation, m.init, tie), config.arch.options,
                                              config.seed, derive=config.arch)
             self.searching = self.actor_method.searches and config.arch.search_steps > 0
             # architecture steps hold out whole episodes (Meta-World's are 500 steps unless the config says otherwise)
@@ -191,8 +204,9 @@ class MTSAC:
             self.trees = trees or {"actor": self.actor_method.derive(), "critic": self.critic_method.derive()}
             actor_net = Trunk(self.trees["actor"], self.actor_method.spec.stages, self.actor_method.spec.heads)
             critic_hidden = list(a.critic_hidden or self.cfg.model.hidden)
-            stages, head = critic_member_stages(self.obs_dim, self.action_dim, critic_hidden, self.cfg.model.activation,
-                                                self.cfg.model.init)
+            m = self.cfg.model
+            stages, head = critic_member_stages(self.obs_dim, self.action_dim, critic_hidden, m.activation, m.init,
+                                                self.cfg.seed if m.tied_init else None)
             critic_net = EnsembleTrunk(self.trees["critic"], stages, head, N_CRITICS)
         self.actor = Actor(actor_net, a.log_std_min, a.log_std_max).to(self.device)
         self.critic = Critic(critic_net).to(self.device)
@@ -206,8 +220,9 @@ class MTSAC:
         # the actor's backward is limited to _actor_params (its ``inputs``), so theirs must be in it to get gradients
         self._actor_params = weight_parameters(self.actor.net) + list(self.actor_combiner.weighting.parameters())
         self._critic_params = weight_parameters(self.critic.net) + list(self.critic_combiner.weighting.parameters())
-        self.actor_opt = make_adam(self._actor_params, a.lr, a.adam_eps)
-        self.critic_opt = make_adam(self._critic_params, a.lr, a.adam_eps)
+        t = self.cfg.train
+        self.actor_opt = make_adam(self._actor_params, t.lr, a.adam_eps)
+        self.critic_opt = make_adam(self._critic_params, t.lr, a.adam_eps)
         for opt in (self.actor_opt, self.critic_opt):  # the combiner averages these gradients before clipping
             setattr(opt, distributed.SYNCED, True)
         if search:
@@ -224,11 +239,11 @@ class MTSAC:
         self._epoch_count = 0
         self._eager = {"target": self._td_target, "critic": self._critic_losses, "actor": self._actor_losses}
         # compiled once per network build; used on steps where nothing needs per-task gradients
-        self._compiled = ({k: torch.compile(f, dynamic=False, mode=a.compile_mode) for k, f in self._eager.items()}
-                          if a.compile else None)
+        self._compiled = ({k: torch.compile(f, dynamic=False, mode=t.compile_mode) for k, f in self._eager.items()}
+                          if t.compile else None)
         # CUDA graphs (torch's cudagraph trees) reuse their output memory at the next replay
-        self._cuda_graphs = bool(a.compile and self.device.type == "cuda" and a.compile_mode in ("reduce-overhead", "max-autotune"))
-        self._autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if a.amp else None
+        self._cuda_graphs = bool(t.compile and self.device.type == "cuda" and t.compile_mode in ("reduce-overhead", "max-autotune"))
+        self._autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if t.amp else None
 
     def finish_search(self) -> dict[str, Tree]:
         """Derive both trees and switch to the fixed networks (fresh weights with retrain=scratch)."""
@@ -268,7 +283,7 @@ class MTSAC:
             target = self._fn("target", step, self.critic_combiner)(b, alpha)
         critic_fn = self._fn("critic", step, self.critic_combiner)
         critic_losses = weight_step(self.critic.net, b, lambda net, b: critic_fn(b, target), self.critic_combiner,
-                                    self.critic_opt, step, a.grad_clip, self.critic_method if self.searching else None,
+                                    self.critic_opt, step, cfg.train.grad_clip, self.critic_method if self.searching else None,
                                     autocast=self._autocast)
         stats: dict[str, Tensor] = {}
         actor_fn = self._fn("actor", step, self.actor_combiner)
@@ -279,7 +294,7 @@ class MTSAC:
 
         # inputs=: the backward stops at the actor's weights (no critic weight gradients are computed)
         actor_losses = weight_step(self.actor.net, b, actor_losses_fn, self.actor_combiner, self.actor_opt, step,
-                                   a.grad_clip, self.actor_method if self.searching else None,
+                                   cfg.train.grad_clip, self.actor_method if self.searching else None,
                                    autocast=self._autocast, inputs=self._actor_params)
         # the mean over every sample of the batch, as in the reference (tasks hold equal shares)
         alpha_loss = -(self.log_alpha * (stats["logp"] + self.target_entropy)).mean()

@@ -31,7 +31,7 @@ tasks where every task has the metric, and ``eval/delta_m`` / ``val/delta_m`` (D
 ``params/trunk/<kind>`` once the architecture is fixed (``params/search/total`` for the
 search network); ``time/wall_s`` (training time summed over resumed sessions).
 
-Checkpoints (``checkpoints/ckpt-<step>.pt``, atomic) every ``train.checkpoint_every``
+Checkpoints (``checkpoints/ckpt-<step>.pt``, atomic) every ``train.checkpoint_every_epochs``
 epochs (search epochs too), at the end of the search and of the run, and on SIGINT/SIGTERM:
 a signal stops training or the search at the end of the current step, an evaluation at its
 next batch (abandoned: the checkpoint holds the state after the epoch's last step, and a
@@ -155,11 +155,11 @@ def make_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optim
 class _Forward:
     """The network's forward, through ``torch.compile`` when asked; falls back to eager on failure."""
 
-    def __init__(self, net: nn.Module, compile: bool):
+    def __init__(self, net: nn.Module, compile: bool, mode: str = "default"):
         self.net, self.compiled = net, None
         if compile:
             try:
-                self.compiled = torch.compile(net)
+                self.compiled = torch.compile(net, mode=mode)
             except Exception as e:  # noqa: BLE001
                 _warn(f"torch.compile unavailable ({type(e).__name__}); running eagerly")
 
@@ -261,7 +261,7 @@ class SupervisedRun:
             setattr(self.opt, distributed.SYNCED, True)
         self.sched = None if search else torch.optim.lr_scheduler.MultiStepLR(
             self.opt, list(self.cfg.train.lr_milestones), self.cfg.train.lr_gamma)
-        self.fwd = _Forward(self.net, self.cfg.train.compile)
+        self.fwd = _Forward(self.net, self.cfg.train.compile, self.cfg.train.compile_mode)
 
     def _finish_search(self) -> None:
         """Derive the tree, rebuild the network from it, record it."""
@@ -387,7 +387,7 @@ class SupervisedRun:
             self.pos = self.val_pos = 0
             if finished:
                 self._finish_search()
-            every = cfg.train.checkpoint_every
+            every = cfg.train.checkpoint_every_epochs
             if finished or (every and self.search_epoch % every == 0):
                 self.save()
             if flag.get("stop"):
@@ -432,7 +432,7 @@ class SupervisedRun:
             rec["time/wall_s"] = self.wall
             self._log(rec)
             self.pos = 0
-            every = cfg.train.checkpoint_every
+            every = cfg.train.checkpoint_every_epochs
             if last or (every and self.epoch % every == 0):
                 self.save()
             if flag.get("stop"):

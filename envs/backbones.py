@@ -324,17 +324,18 @@ def resnet18_stages(in_ch: int = 1, width: int = 64, out_features: int = 100) ->
     return specs
 
 
-def lenet_stages() -> list[StageSpec]:
-    """Pareto MTL's LeNet for 36x36 single-channel inputs, 3 stages (heads 50 -> 10):
+def lenet_stages(width: int = 1) -> list[StageSpec]:
+    """Pareto MTL's LeNet for 36x36 single-channel inputs, 3 stages (heads 50w -> 10), w = ``width``:
 
-    * stage 0: conv 1->10 (9x9) + ReLU + max-pool 2: ``[1, 36, 36] -> [10, 14, 14]``;
-    * stage 1: conv 10->20 (5x5) + ReLU + max-pool 2: ``-> [20, 5, 5]``;
-    * stage 2: flatten (500) + linear -> 50 + ReLU: ``-> [50]``.
+    * stage 0: conv 1->10w (9x9) + ReLU + max-pool 2: ``[1, 36, 36] -> [10w, 14, 14]``;
+    * stage 1: conv 10w->20w (5x5) + ReLU + max-pool 2: ``-> [20w, 5, 5]``;
+    * stage 2: flatten (500w) + linear -> 50w + ReLU: ``-> [50w]``.
     """
+    c1, c2, f = 10 * width, 20 * width, 50 * width
     return [
-        StageSpec(lambda n: ConvStageBank(n, 1, 10, 9, bn=False, relu=True, pool=2), "conv 1->10 9x9 + pool"),
-        StageSpec(lambda n: ConvStageBank(n, 10, 20, 5, bn=False, relu=True, pool=2), "conv 10->20 5x5 + pool"),
-        StageSpec(lambda n: _FlattenLinearBank(n, 20 * 5 * 5, 50, "relu"), "fc 500->50"),
+        StageSpec(lambda n: ConvStageBank(n, 1, c1, 9, bn=False, relu=True, pool=2), f"conv 1->{c1} 9x9 + pool"),
+        StageSpec(lambda n: ConvStageBank(n, c1, c2, 5, bn=False, relu=True, pool=2), f"conv {c1}->{c2} 5x5 + pool"),
+        StageSpec(lambda n: _FlattenLinearBank(n, c2 * 5 * 5, f, "relu"), f"fc {c2 * 25}->{f}"),
     ]
 
 

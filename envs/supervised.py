@@ -44,9 +44,9 @@ the largest width and task t reads the first ``width[t]`` outputs of its head
 their initial values; they are counted in ``params/trunk/heads`` (for GLUE 129 of
 ~1,300 head parameters, for NYUv2 12 of 13 depth-head output channels).
 
-**Tied initialisation** (``model.options.tied_init``, default on): every copy of a stage,
-in every bank built from it, starts from one set of weights drawn once per stage from the
-run seed. That is the setting the search methods assume (CoNAL and AdaShare start all
+**Tied initialisation** (``model.tied_init``, default on, in every domain: the core's
+:func:`~mtrl_arch.trunk.tie_stages`): every copy of a stage, in every bank built from it,
+starts from one set of weights drawn once per stage from the run seed. That is the setting the search methods assume (CoNAL and AdaShare start all
 copies from one pretrained backbone; Recon's rebuilt task-specific copies share the
 initialisation), and it makes an architecture's retrain start from the same weights as
 the HPS and STL baselines.
@@ -59,7 +59,6 @@ composites of a source image on one side).
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
 from typing import Any
 
@@ -67,33 +66,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtrl_arch.config import Config, ConfigError, fits_default
+from mtrl_arch.config import Config, ConfigError
+from mtrl_arch.options import parse_options
 from mtrl_arch.search.base import TrunkSpec
 
 from .backbones import classification_heads, lenet_stages, resnet18_stages
 from .supervised_common import (DEFAULT_ROOTS, CelebAData, GlueData, LeNetModel, MultiDigitData, ResNetModel, SceneData,
-                                TaskAdapter, TransformerModel, _lib, _spec, data_root, tied)
+                                TaskAdapter, TransformerModel, _lib, _spec, data_root)
 from .supervised_data import DatasetData, TensorData, subset_indices
 
 __all__ = ["BENCHMARKS", "MODELS", "DEFAULT_ROOTS", "TaskAdapter", "check_config", "data_root", "make_adapter", "make_spec",
-           "tied", "MultiDigitData", "CelebAData", "SceneData", "GlueData", "LeNetModel", "ResNetModel",
+           "MultiDigitData", "CelebAData", "SceneData", "GlueData", "LeNetModel", "ResNetModel",
            "TransformerModel"]
 
 
 def _options(cls: type, raw: dict, where: str) -> Any:
-    valid = {f.name: f for f in dataclasses.fields(cls)}
-    for k, v in raw.items():
-        if k not in valid:
-            near = difflib.get_close_matches(k, valid, n=1)
-            hint = f"; did you mean {where}.{near[0]}?" if near else ""
-            raise ConfigError(f"unknown config key '{where}.{k}'{hint} (valid here: {', '.join(sorted(valid))})")
-        f = valid[k]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if not fits_default(v, default):
-            raise ConfigError(f"{where}.{k} must be a {type(default).__name__}; got {v!r}")
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < (0 if k.endswith(("_subset", "seed", "dropout")) else 1e-12):
-            raise ConfigError(f"{where}.{k} must be {'>= 0' if k.endswith(('_subset', 'seed', 'dropout')) else 'positive'}; got {v!r}")
-    return cls(**raw)
+    """The shared option rules, then the benchmarks' range rule: every number is a size or a rate, so
+    positive; subsets (0: all), seeds and dropout may be 0."""
+    if where == "model.options" and "tied_init" in (raw or {}):  # one knob for every domain since the RL search tied too
+        raise ConfigError("model.options.tied_init was renamed model.tied_init")
+    o = parse_options(cls, raw, where)
+    for k in raw:
+        v, zero_ok = getattr(o, k), k.endswith(("_subset", "seed", "dropout"))
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v < (0 if zero_ok else 1e-12):
+            raise ConfigError(f"{where}.{k} must be {'>= 0' if zero_ok else 'positive'}; got {v!r}")
+    return o
 
 
 # ---- benchmarks -------------------------------------------------------------------------------------
@@ -167,10 +164,10 @@ def make_spec(cfg: Config) -> TrunkSpec | None:
 
 def _classification_spec(cfg: Config, m: Any, tasks, in_channels: int, n_classes: int) -> TrunkSpec:
     if cfg.model.backbone == "lenet":
-        stages, heads = lenet_stages(), classification_heads(50, n_classes)
+        stages, heads = lenet_stages(m.width), classification_heads(50 * m.width, n_classes)
     else:
         stages, heads = resnet18_stages(in_channels, m.width, m.out_features), classification_heads(m.out_features, n_classes)
-    return _spec(tasks, stages, heads, m, cfg.seed)
+    return _spec(tasks, stages, heads, cfg)
 
 
 class ClassificationMetrics:

@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from mtrl_arch import metrics as M
 from mtrl_arch.config import Config
 from mtrl_arch.search.base import TrunkSpec
+from mtrl_arch.trunk import tie_stages
 
 from . import vision_metrics as VM
-from .backbones import StageSpec
 
 
 @dataclass
@@ -74,14 +74,13 @@ class GlueData:
 
 @dataclass
 class LeNetModel:
-    tied_init: bool = True
+    width: int = 1            # channel and fc multiplier: conv 10w, 20w, fc 50w (1: Pareto MTL's LeNet)
 
 
 @dataclass
 class ResNetModel:
     width: int = 64           # channels of the first stage (64: ResNet-18)
     out_features: int = 100   # classification: the shared 512 -> 100 layer (Recon); dense: head hidden width
-    tied_init: bool = True
 
 
 @dataclass
@@ -91,7 +90,6 @@ class TransformerModel:
     d_ff: int = 256
     n_layers: int = 4
     dropout: float = 0.1
-    tied_init: bool = True
 
 
 DEFAULT_ROOTS = {"multi_mnist": "data", "multi_fashion": "data", "multi_fashion_mnist": "data", "glue": "data",
@@ -103,29 +101,10 @@ def data_root(cfg: Config) -> Path:
 
 
 # ---- shared pieces ----------------------------------------------------------------------------------
-def tied(factory: Callable[[int], nn.Module], seed: int) -> Callable[[int], nn.Module]:
-    """A stage factory whose every module copy starts from one set of weights (drawn once, from ``seed``)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        template = {k: v.detach().clone() for k, v in factory(1).state_dict().items()}
-
-    def make(n: int) -> nn.Module:
-        bank = factory(n)
-        with torch.no_grad():
-            for k, v in bank.state_dict().items():  # views of the parameters and buffers
-                if v.shape[:1] != (n,):
-                    raise ValueError(f"tied init needs module-stacked tensors; {k} has shape {tuple(v.shape)}")
-                v.copy_(template[k].expand_as(v))
-        return bank
-
-    spec = StageSpec(make, getattr(factory, "name", "stage") + " (tied)", getattr(factory, "residual_shaped", False))
-    return spec
-
-
-def _spec(tasks, stages: list, heads, model_opts, seed: int) -> TrunkSpec:
+def _spec(tasks, stages: list, heads, cfg: Config) -> TrunkSpec:
     residual = tuple(bool(getattr(f, "residual_shaped", False)) for f in stages)
-    if getattr(model_opts, "tied_init", False):
-        stages = [tied(f, seed * 1000 + s) for s, f in enumerate(stages)]
+    if cfg.model.tied_init:
+        stages = tie_stages(stages, cfg.seed * 1000)
     return TrunkSpec(tuple(tasks), stages, heads, residual=residual, name="trunk")
 
 

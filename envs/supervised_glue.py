@@ -91,7 +91,7 @@ def build_glue(cfg: Config, o: GlueData, m: TransformerModel, tasks) -> TaskAdap
 
     metric_names = {t: GLUE_TASKS[t].metrics for t in tasks}
     return TaskAdapter(
-        "glue", tasks, _spec(tasks, stages, heads, m, cfg.seed), False,
+        "glue", tasks, _spec(tasks, stages, heads, cfg), False,
         PerTaskData(train_parts), PerTaskData(val_parts) if len(val_parts) == len(tasks) else None,
         PerTaskData(test_parts), inputs=lambda b: (b["x"], b["mask"]), losses=losses,
         metrics=lambda: GlueMetrics(tasks, regression), lower_is_better=_lib(tasks, metric_names),

@@ -128,7 +128,7 @@ def scene_spec(cfg: Config, o: SceneData, m: ResNetModel, tasks, n_classes: int 
     widths, w = _widths(n_classes), m.width
     heads = StageSpec(lambda n: DenseHeadBank(n, 8 * w, m.out_features, max(widths[t] for t in tasks)),
                       f"dense heads {8 * w}->{m.out_features}->max width")
-    return _spec(tasks, dense_resnet18_stages(3, w), heads, m, cfg.seed)
+    return _spec(tasks, dense_resnet18_stages(3, w), heads, cfg)
 
 
 def build_scenes(cfg: Config, o: SceneData, m: ResNetModel, tasks) -> TaskAdapter:

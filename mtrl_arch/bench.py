@@ -40,37 +40,8 @@ from typing import Any, Callable
 
 import torch
 
-from .config import ConfigError, fits_default, parse_value
-
-# ---- options ------------------------------------------------------------------------------------
-
-
-def parse_options(cls: type, items: list[str]) -> Any:
-    """``key=value`` strings -> ``cls`` (a dataclass); unknown keys and wrong types refused in one line."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"bench options are key=value; got {item!r} (valid keys: {', '.join(fields)})")
-        k, text = item.split("=", 1)
-        if k not in fields:
-            near = difflib.get_close_matches(k, fields, n=1)
-            raise ConfigError(f"unknown bench option {k!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
-                              + f"; valid: {', '.join(fields)}")
-        v, default = parse_value(text), getattr(cls(), k)
-        if isinstance(default, (bool, int, float)):
-            ok = fits_default(v, default)
-            v = float(v) if ok and isinstance(default, float) else v
-        elif isinstance(default, list):
-            v = v if isinstance(v, list) else [v]
-            ok = True
-        else:
-            v, ok = str(v), True
-        if not ok:
-            raise ConfigError(f"bench option {k} must be like {default!r}; got {text!r}")
-        values[k] = v
-    return cls(**values)
-
+from .config import ConfigError, parse_value
+from .options import parse_options
 
 # ---- timing -------------------------------------------------------------------------------------
 
@@ -317,7 +288,10 @@ def main(what: str, json_flag: bool, options: list[str],
         raise ConfigError(f"unknown benchmark {what!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
                           + f"; choose from {', '.join(reg)}")
     cls, fn = reg[what]
-    o = parse_options(cls, list(options))
+    bad = [s for s in options if "=" not in s or s.startswith("=")]
+    if bad:
+        raise ConfigError(f"bench {what} options are key=value; got {bad[0]!r}")
+    o = parse_options(cls, {k: parse_value(v) for k, v in (s.split("=", 1) for s in options)}, f"bench {what}")
     if getattr(o, "threads", 0):
         torch.set_num_threads(o.threads)
     res = fn(o)

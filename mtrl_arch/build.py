@@ -172,7 +172,7 @@ def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str]:
             raise ConfigError(f"env.tasks: {e}") from None
         d = cfg.to_dict()  # the counts do not depend on the device, the replay's size or compilation
         d["device"] = "cpu"
-        d["agent"].update(buffer_size=len(tasks), compile=False)
+        d["agent"]["buffer_size"], d["train"]["compile"] = len(tasks), False
         agent = MTSAC(tasks, observation_dim(len(tasks)), ACTION_DIM, config_from_dict(d), "cpu")
         what = ("the actor's and critic's search networks (arch.search_steps > 0; the derived trees are counted "
                 "when the search ends)" if agent.searching else "the actor and critic (both critics of the ensemble)")

@@ -192,8 +192,10 @@ def _bench(args) -> int:
 def _report(args) -> int:
     from .report import make_report
 
+    from .envs.vision_metrics import LOWER_IS_BETTER as dense  # the dense-prediction metrics' directions
+
     out = make_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None,
-                      Path(args.reference) if args.reference else None)
+                      Path(args.reference) if args.reference else None, args.baseline, dense)
     print(f"report written to {out}")
     return 0
 
@@ -255,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--reference", metavar="FILE",
                    help="YAML/JSON of published points (metric, series: [{label, points: [[step, value], ...]}]) "
                         "drawn on the mean panel and tabled against the runs")
+    r.add_argument("--baseline", metavar="SETTING",
+                   help="the methods table's Delta_m baseline: a substring of one setting's label (default: the STL one)")
     r.set_defaults(fn=_report)
     c = sub.add_parser("configs", help="list the shipped configs with their descriptions")
     c.set_defaults(fn=_configs)

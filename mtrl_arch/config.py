@@ -2,31 +2,32 @@
 
 Everything is checked before anything heavy starts; a bad key, type or value raises
 :class:`ConfigError` with one line naming it and what is valid (the CLI turns it into
-exit code 2). Method-specific options (``arch.options``, ``weighting.options``) are
-checked by the method's own options class.
+exit code 2). Options blocks (``arch.options``, ``weighting.options``, ``data.options``,
+``model.options``) are checked against their method's or benchmark's options class by the same
+rules (:mod:`mtrl_arch.options`).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
 import yaml
 
 from .errors import ConfigError  # noqa: F401 (re-exported: the public place to import it from)
+from .options import coerce, parse_options, unknown_key
 
 
 class YamlLoader(yaml.SafeLoader):
     """YAML with every float literal Python accepts.
 
     YAML 1.1 (PyYAML) reads ``3e-4``, ``1e20`` and ``1.0e20`` as strings (it wants a dot and
-    a signed exponent); every RL user types ``agent.lr=3e-4``, so those are floats here.
+    a signed exponent); every RL user types ``train.lr=3e-4``, so those are floats here.
     """
 
 
@@ -79,33 +80,43 @@ class ModelConfig:
     activation: str = "relu"
     init: Literal["torch", "he_uniform"] = "torch"  # MLP trunks: nn.Linear's uniform, or He-uniform weights and zero biases
     backbone: str = "mlp"             # supervised: lenet | resnet18 | transformer | segnet ...
+    # every copy of a stage (shared, per group, per task) starts from the same weights, as in the
+    # authors' code (one pretrained backbone); ensembles (SAC's twin critics) tie within each member
+    tied_init: bool = True
     options: dict = field(default_factory=dict)
 
 
 @dataclass
 class TrainConfig:
+    # both domains. lr and grad_clip default per domain (DOMAIN_DEFAULTS, applied before files and overrides):
+    # RL 3e-4 and 1.0 (the MT-SAC reference), supervised 1e-4 and 5.0; the values here are RL's (Config().domain)
+    lr: float = 3e-4                  # RL: actor and critic (alpha: agent.alpha_lr); supervised: train.optimizer
+    grad_clip: float = 1.0            # max global gradient norm (0: off); RL: actor and critic each
+    # bf16 autocast; supervised: CUDA only (float32 elsewhere); RL: the SAC networks (slower on CPUs without bf16)
+    amp: bool = False
+    # torch.compile; supervised: the network; RL: the SAC losses (fixed architectures, no per-task gradients)
+    compile: bool = False
+    # torch.compile's mode; reduce-overhead adds CUDA graphs on GPUs (CPUs run it as default)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    threads: int = 0                  # torch CPU threads (0: torch's default); 1 avoids oversubscription on a busy CPU
+    keep_checkpoints: int = 2
     # RL
     total_env_steps: int = 20_000_000  # environment steps summed over all tasks (MT10: 2M per task)
     warmup_steps: int = 4_000         # vector steps of uniform random actions before learning
     updates_per_step: float = 1.0     # gradient steps per vector env step
+    checkpoint_every_env_steps: int = 0  # env steps summed over tasks (0: only at the end)
+    log_every: int = 1000             # env steps between training-metric lines
+    save_replay: Literal["auto", "always", "never"] = "auto"  # replay in checkpoints (auto: when under 1 GiB)
     # supervised
     epochs: int = 1
     limit_batches: int = 0            # cap on batches per epoch and on search steps (0: no cap), for smoke runs
     batch_size: int = 256
     optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = 1e-4
     weight_decay: float = 1e-5
     momentum: float = 0.9
     lr_milestones: list = field(default_factory=list)  # epochs at which lr is multiplied by lr_gamma
     lr_gamma: float = 0.1
-    grad_clip: float = 5.0            # max gradient norm (0: off)
-    threads: int = 0                  # torch CPU threads (0: torch's default); 1 avoids oversubscription on a busy CPU
-    amp: bool = False                 # bf16 autocast on CUDA
-    compile: bool = False             # torch.compile the network
-    checkpoint_every: int = 0         # RL: env steps; supervised: epochs (0: only at the end)
-    log_every: int = 1000             # RL: env steps between training-metric lines
-    keep_checkpoints: int = 2
-    save_replay: Literal["auto", "always", "never"] = "auto"  # RL: replay in checkpoints (auto: when under 1 GiB)
+    checkpoint_every_epochs: int = 0  # 0: only at the end
 
 
 @dataclass
@@ -133,23 +144,18 @@ class EnvConfig:
 class AgentConfig:
     """Multi-task SAC (defaults: the MT-SAC reference setting for MT10)."""
     algo: Literal["mtsac", "sb3_stl"] = "mtsac"  # sb3_stl: one stable-baselines3 SAC per task (the paper's baseline)
+    # lr, grad_clip, amp, compile, compile_mode: in train (one key for both domains)
     batch_per_task: int = 128
-    lr: float = 3e-4
     alpha_lr: float = 3e-4
     gamma: float = 0.99
     tau: float = 0.005
     buffer_size: int = 1_000_000      # transitions in total, split evenly over tasks
     init_alpha: float = 1.0
     target_entropy: float = 0.0       # 0: -|A|
-    grad_clip: float = 1.0
     adam_eps: float = 1e-5            # Adam's epsilon for the actor, critic and entropy coefficients (the reference's)
     critic_hidden: list = field(default_factory=list)  # empty: model.hidden
     log_std_min: float = -20.0
     log_std_max: float = 2.0
-    compile: bool = False             # torch.compile the SAC losses (fixed architectures, no per-task gradients)
-    # torch.compile's mode; reduce-overhead adds CUDA graphs on GPUs (CPUs run it as default)
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    amp: bool = False                 # bf16 autocast in the SAC networks (GPUs; slower on CPUs without bf16 units)
     # weighting=dwa: RL has no epochs, so an "epoch" is this many updates; DWA weighs each task by the ratio of
     # its mean losses over the last two of them (the critic's and the actor's weightings separately)
     dwa_epoch_updates: int = 1000
@@ -200,6 +206,52 @@ class Config:
 # A bare section name set to a string sets that section's ``method`` (``weighting=pcgrad``).
 _SHORTHAND = {"weighting": "method", "arch": "method"}
 
+# Defaults that differ by domain: applied once the domain is known, before any file, base or override, so
+# that each of those still wins. Values: what each domain has always used (RL: the MT-SAC reference).
+DOMAIN_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
+    "rl": {"train": {"lr": 3e-4, "grad_clip": 1.0}},
+    "supervised": {"train": {"lr": 1e-4, "grad_clip": 5.0}},
+}
+
+# Renamed keys: old dotted key -> {domain: new key}. A file or override naming an old key is a one-line
+# error naming the new one; a resolved config written before the rename (a run's config.yaml, a saved
+# model) is read under the new names by config_from_dict. The agent.* keys applied to RL only: in a
+# supervised run's record they hold unused defaults and are dropped.
+_RENAMED: dict[str, dict[str, str]] = {
+    **{f"agent.{k}": {"rl": f"train.{k}"} for k in ("lr", "grad_clip", "amp", "compile", "compile_mode")},
+    "train.checkpoint_every": {"rl": "train.checkpoint_every_env_steps", "supervised": "train.checkpoint_every_epochs"},
+}
+
+
+def _renamed(key: str) -> ConfigError:
+    new = _RENAMED[key]
+    if len(new) == 1:
+        return ConfigError(f"{key} was renamed {next(iter(new.values()))}")
+    return ConfigError(f"{key} was renamed: {new['rl']} in RL runs, {new['supervised']} in supervised runs")
+
+
+def _migrate(d: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config written before a rename, under the new names (see _RENAMED)."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    domain = d.get("domain", Config.domain)
+    for old, new in _RENAMED.items():
+        sec, leaf = old.split(".")
+        if isinstance(d.get(sec), dict) and leaf in d[sec]:
+            value = d[sec].pop(leaf)
+            if domain in new:
+                sec2, leaf2 = new[domain].split(".")
+                d.setdefault(sec2, {})[leaf2] = value
+    return d
+
+
+def _fresh(layers: list[dict[str, Any] | None]) -> Config:
+    """A Config holding its domain's defaults; the domain is the last one ``layers`` (applied in order) set."""
+    cfg = Config()
+    domain = next((d["domain"] for d in reversed(layers) if isinstance(d, dict) and "domain" in d), cfg.domain)
+    _apply(cfg, {"domain": domain})  # a bad domain: its one-line error here
+    _apply(cfg, DOMAIN_DEFAULTS[cfg.domain])
+    return cfg
+
 
 def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
@@ -209,68 +261,9 @@ def _hint(cls, name: str):
     return typing.get_type_hints(cls)[name]
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = get_origin(tp)
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for a in get_args(tp):
-            try:
-                return _coerce(value, a, key)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key} has the wrong type: {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false; got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{key} must be an integer; got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number; got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key} must be a string; got {value!r}")
-        return str(value)
-    if tp is list or origin is list:
-        if value is None:
-            return []
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return list(value)
-    if tp is dict or origin is dict:
-        if value is None:
-            return {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping; got {value!r}")
-        return dict(value)
-    return value
-
-
-def fits_default(value: Any, default: Any) -> bool:
-    """Whether ``value`` may replace ``default`` in an options dataclass (ints are floats, bools are not numbers)."""
-    if isinstance(default, bool):
-        return isinstance(value, bool)
-    if isinstance(default, int):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, type(default))
-
-
 def _unknown(key: str, valid) -> ConfigError:
-    leaf = key.rsplit(".", 1)[-1]
-    near = difflib.get_close_matches(leaf, list(valid), n=1)
-    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-    hint = f"; did you mean {prefix}{near[0]}?" if near else ""
-    return ConfigError(f"unknown config key {key!r}{hint} (valid here: {', '.join(sorted(valid))})")
+    where, _, leaf = key.rpartition(".")
+    return unknown_key(where, leaf, valid)
 
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
@@ -278,7 +271,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in fields:
-            raise _unknown(key, fields)
+            raise _renamed(key) if key in _RENAMED else _unknown(key, fields)
         cur = getattr(obj, k)
         if dataclasses.is_dataclass(cur):
             if isinstance(v, str) and k in _SHORTHAND:
@@ -289,7 +282,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         elif isinstance(cur, dict) and isinstance(v, dict):
             cur.update(v)  # option mappings merge, so a.options.x=1 keeps a.options.y
         else:
-            setattr(obj, k, _coerce(v, _hint(type(obj), k), key))
+            setattr(obj, k, coerce(v, _hint(type(obj), k), key))
 
 
 def parse_value(text: str) -> Any:
@@ -368,15 +361,16 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 def load_config(name_or_path: str | None, overrides: list[str] = (), base: dict | None = None) -> Config:
     """Load a named or path config, apply overrides, validate. Raises ConfigError."""
-    cfg = Config()
+    path = resolve_config_path(name_or_path) if name_or_path else None
+    data = load_yaml(path) if path else None
+    pairs = parse_overrides(list(overrides))
+    cfg = _fresh([base, data, *(_nest(k, v) for k, v in pairs)])
     if base is not None:
         _apply(cfg, base)
-    if name_or_path:
-        path = resolve_config_path(name_or_path)
-        _apply(cfg, load_yaml(path))
+    if path:
+        _apply(cfg, data)
         if cfg.name == "run":
             cfg.name = path.stem
-    pairs = parse_overrides(list(overrides))
     file_method = cfg.arch.method
     for k, v in pairs:
         _apply(cfg, _nest(k, v))
@@ -392,7 +386,9 @@ def load_config(name_or_path: str | None, overrides: list[str] = (), base: dict 
 
 
 def config_from_dict(d: dict[str, Any]) -> Config:
-    cfg = Config()
+    """A resolved config (``Config.to_dict()``, a run's config.yaml), also one written before a key's rename."""
+    d = _migrate(d)
+    cfg = _fresh([d])
     _apply(cfg, d)
     validate(cfg)
     return cfg
@@ -401,7 +397,7 @@ def config_from_dict(d: dict[str, Any]) -> Config:
 def validate(cfg: Config) -> None:
     """Range and cross-field checks, and method options, before anything heavy."""
     positive = {
-        "train.lr": cfg.train.lr, "agent.lr": cfg.agent.lr, "agent.alpha_lr": cfg.agent.alpha_lr,
+        "train.lr": cfg.train.lr, "agent.alpha_lr": cfg.agent.alpha_lr,
         "train.batch_size": cfg.train.batch_size, "agent.batch_per_task": cfg.agent.batch_per_task,
         "agent.buffer_size": cfg.agent.buffer_size, "agent.init_alpha": cfg.agent.init_alpha,
         "agent.adam_eps": cfg.agent.adam_eps,
@@ -413,14 +409,20 @@ def validate(cfg: Config) -> None:
         "train.total_env_steps": cfg.train.total_env_steps, "train.warmup_steps": cfg.train.warmup_steps,
         "train.epochs": cfg.train.epochs, "train.limit_batches": cfg.train.limit_batches,
         "train.weight_decay": cfg.train.weight_decay, "train.grad_clip": cfg.train.grad_clip,
-        "train.checkpoint_every": cfg.train.checkpoint_every, "arch.search_steps": cfg.arch.search_steps,
+        "train.checkpoint_every_env_steps": cfg.train.checkpoint_every_env_steps,
+        "train.checkpoint_every_epochs": cfg.train.checkpoint_every_epochs, "arch.search_steps": cfg.arch.search_steps,
         "eval.every_env_steps": cfg.eval.every_env_steps, "eval.episodes_per_task": cfg.eval.episodes_per_task,
-        "agent.grad_clip": cfg.agent.grad_clip, "train.updates_per_step": cfg.train.updates_per_step,
+        "train.updates_per_step": cfg.train.updates_per_step,
         "env.max_episode_steps": cfg.env.max_episode_steps, "train.threads": cfg.train.threads,
     }
     for k, v in non_negative.items():
         if v < 0:
             raise ConfigError(f"{k} must be >= 0; got {v}")
+    # a resolved config holds both cadences, so the other domain's must be left at 0 (unset)
+    other = "checkpoint_every_epochs" if cfg.domain == "rl" else "checkpoint_every_env_steps"
+    if getattr(cfg.train, other):
+        own = "checkpoint_every_env_steps" if cfg.domain == "rl" else "checkpoint_every_epochs"
+        raise ConfigError(f"train.{other} does not apply to {cfg.domain} runs; set train.{own}")
     if not 0.0 < cfg.agent.gamma <= 1.0:
         raise ConfigError(f"agent.gamma must be in (0, 1]; got {cfg.agent.gamma}")
     if not 0.0 < cfg.agent.tau <= 1.0:
@@ -446,10 +448,10 @@ def validate(cfg: Config) -> None:
     if cfg.agent.algo == "sb3_stl" and cfg.arch.method != "stl":
         raise ConfigError(f"agent.algo=sb3_stl trains one network per task: set arch.method=stl (got {cfg.arch.method!r})")
     # method registries (imported here: config -> search/weighting only for validation)
-    from .search import DeriveRule, get_method, parse_options
+    from .search import DeriveRule, get_method
     try:
         method = get_method(cfg.arch.method)
-        parse_options(method, cfg.arch.options)
+        parse_options(method.Options, cfg.arch.options, "arch.options")
         # combinations (max_params with margin) and what the method supports; the budget's lower
         # bound needs the network, so make_method checks it
         method.check_derive_rule(DeriveRule.of(cfg.arch))
@@ -460,6 +462,8 @@ def validate(cfg: Config) -> None:
     from . import weighting as W
     try:
         W.make_weighting(cfg.weighting.method, n_tasks=2, **cfg.weighting.options)
+    except ConfigError:
+        raise  # already one line naming its key
     except (ValueError, TypeError) as e:
         raise ConfigError(f"weighting: {e}") from None
 

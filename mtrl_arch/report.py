@@ -34,11 +34,13 @@ from typing import Any
 from .config import Config, ConfigError, load_yaml_text
 from .logger import read_metrics
 from .run import read_arch, read_run_config
+from .table import methods_table
 from .tree import Tree
 
 # config fields that do not change what a run learns: ignored when grouping runs into seeds of one setting
-_BOOKKEEPING = {"seed", "run_dir", "name", "wandb", "device", "train.log_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "train.save_replay", "train.threads", "data.num_workers", "data.root"}
+_BOOKKEEPING = {"seed", "run_dir", "name", "wandb", "device", "train.log_every", "train.checkpoint_every_env_steps",
+                "train.checkpoint_every_epochs", "train.keep_checkpoints", "train.save_replay", "train.threads",
+                "data.num_workers", "data.root"}
 _MEAN = "mean"
 
 
@@ -484,8 +486,10 @@ def reference_table(groups: list[tuple[str, list[RunData]]], reference: dict[str
     return "\n".join(lines) + "\n", rows
 
 
-def make_report(run_dirs: list[Path], out: Path | None = None, reference: Path | None = None) -> Path:
-    """Figures (PNG) and summary.md for the runs in ``run_dirs``; returns the report folder."""
+def make_report(run_dirs: list[Path], out: Path | None = None, reference: Path | None = None,
+                baseline: str | None = None, lower_is_better: dict[str, bool] | None = None) -> Path:
+    """Figures (PNG) and summary.md (with the methods table, :mod:`mtrl_arch.table`) for the runs in
+    ``run_dirs``; returns the report folder. ``baseline``: the Delta_m baseline setting (default: the STL one)."""
     if not run_dirs:
         raise ConfigError("give at least one run directory")
     ref = load_reference(reference) if reference is not None else None
@@ -511,6 +515,8 @@ def make_report(run_dirs: list[Path], out: Path | None = None, reference: Path |
             if p is not None:
                 figures.append(p)
     text, data = summary(groups)
+    table, data["methods"] = methods_table(groups, baseline, lower_is_better)
+    text += "\n## Methods table\n\n" + table
     if ref is not None:
         table, data["reference"] = reference_table(groups, ref)
         text += "\n" + table

@@ -71,31 +71,17 @@ from torch import Tensor, nn
 
 from .search.base import ArchMethod, TrunkSpec
 from .steps import search_step, weight_parameters
-from .trunk import BatchedLinear, StageFactory, linear_stage
+from .trunk import TiedStage, linear_stage
 from .update import GradientCombiner
 
 TASKS = ("A", "B", "C")
 Batch = tuple[Tensor, Tensor]  # x [T, B, d], y [T, B, 1]
 
 
-def tied_linear_stage(in_features: int, out_features: int, activation: str, generator: torch.Generator) -> StageFactory:
-    """A linear stage whose every copy, in every bank built from it, starts from one set of weights.
-
-    The weights are drawn once (``nn.Linear``-style uniform) from ``generator`` when the
-    factory is made.
-    """
+def _linear_template(in_features: int, out_features: int, g: torch.Generator) -> dict[str, Tensor]:
     bound = 1.0 / math.sqrt(in_features)
-    weight = torch.empty(in_features, out_features).uniform_(-bound, bound, generator=generator)
-    bias = torch.empty(out_features).uniform_(-bound, bound, generator=generator)
-
-    def make(n: int) -> BatchedLinear:
-        bank = BatchedLinear(n, in_features, out_features, activation)
-        with torch.no_grad():
-            bank.weight.copy_(weight.expand_as(bank.weight))
-            bank.bias.copy_(bias.expand_as(bank.bias))
-        return bank
-
-    return make
+    return {"weight": torch.empty(1, in_features, out_features).uniform_(-bound, bound, generator=g),
+            "bias": torch.empty(1, out_features).uniform_(-bound, bound, generator=g)}
 
 
 class PerTaskRegression:
@@ -117,13 +103,11 @@ class PerTaskRegression:
     def spec(self, init_seed: int | None = None) -> TrunkSpec:
         """Linear+ReLU stages of width d (all residual-shaped) and a linear head per task."""
         L = self.n_stages
-        if self.tied_init:
+        stages, head = [linear_stage(self.d, self.d, "relu") for _ in range(L)], linear_stage(self.d, 1, "identity")
+        if self.tied_init:  # the heads too; nn.Linear-style uniform templates drawn in order from one generator
             g = torch.Generator().manual_seed(1000 + (self.seed if init_seed is None else init_seed))
-            stages = [tied_linear_stage(self.d, self.d, "relu", g) for _ in range(L)]
-            head = tied_linear_stage(self.d, 1, "identity", g)
-        else:
-            stages = [linear_stage(self.d, self.d, "relu") for _ in range(L)]
-            head = linear_stage(self.d, 1, "identity")
+            stages = [TiedStage(f, template=_linear_template(self.d, self.d, g)) for f in stages]
+            head = TiedStage(head, template=_linear_template(self.d, 1, g))
         return TrunkSpec(self.tasks, stages, head, residual=(True,) * L)
 
     @staticmethod

@@ -269,6 +269,48 @@ def ensemble_stage(make: StageFactory, ensemble: int) -> StageFactory:
     return lambda n: EnsembleBank(n, make, ensemble)
 
 
+class TiedStage:
+    """A stage factory whose every module copy starts from one set of weights (per ensemble member).
+
+    The authors' code starts every copy of a stage (the shared one, each task's private one,
+    each group's) from one pretrained backbone, and Recon rebuilds its task-specific copies
+    from the shared ones: a search then compares branch points, not initial draws. The
+    template is drawn once from ``seed`` (the process's random state is left as it was), or
+    given (``template``: state-dict tensors of ``members`` stacked copies), so every bank a
+    search or a retrain builds from this factory starts from the same weights.
+    With ``members`` > 1 (an ensemble such as SAC's twin critics, whose banks hold the copies
+    member-major: rows ``[e*n/E, (e+1)*n/E)`` belong to member e) each member gets its own
+    template, so the members stay independent while each member's copies are tied.
+    """
+
+    def __init__(self, factory: StageFactory, seed: int = 0, members: int = 1, template: dict[str, Tensor] | None = None):
+        self.factory, self.members = factory, members
+        self.name = getattr(factory, "name", "stage") + " (tied)"
+        self.residual_shaped = getattr(factory, "residual_shaped", False)
+        if template is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                template = {k: v.detach().clone() for k, v in factory(members).state_dict().items()}
+        self.template = template
+
+    def __call__(self, n: int) -> nn.Module:
+        if n % self.members:
+            raise ValueError(f"a tied stage of {self.members} members cannot hold {n} module copies")
+        bank = self.factory(n)
+        with torch.no_grad():
+            for k, v in bank.state_dict().items():  # views of the parameters and buffers
+                t = self.template[k]
+                if v.shape[:1] != (n,) or t.shape[:1] != (self.members,):
+                    raise ValueError(f"tied init needs module-stacked tensors; {k} has shape {tuple(v.shape)}")
+                v.copy_(t.repeat_interleave(n // self.members, 0))
+        return bank
+
+
+def tie_stages(stages: Sequence[StageFactory], base_seed: int, members: int = 1) -> list[StageFactory]:
+    """:class:`TiedStage` for every stage, stage ``s`` drawn from seed ``base_seed + s``."""
+    return [TiedStage(f, base_seed + s, members) for s, f in enumerate(stages)]
+
+
 def ensemble_input(x: Tensor, ensemble: int, batch_dim: int = 1) -> Tensor:
     """Repeat each call's rows once per member: ``[T, B, ...] -> [T, E*B, ...]``."""
     return torch.cat([x] * ensemble, batch_dim) if ensemble > 1 else x

@@ -27,13 +27,18 @@ from their own ``torch.Generator`` seeded by the ``seed`` option; RNG state is n
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from scipy.optimize import minimize
 from torch import Tensor, nn
+
+from .errors import ConfigError
+from .options import parse_options
 
 
 class Weighting:
@@ -296,7 +301,7 @@ class MGDA(GradWeighting):
     "none", "l2" (g/|g|), "loss" (g/L) or "loss+" (g/(L|g|)), losses from this step's ``loss()``.
     """
 
-    def __init__(self, n_tasks: int, *, normalize: str = "none") -> None:
+    def __init__(self, n_tasks: int, *, normalize: Literal["none", "l2", "loss", "loss+"] = "none") -> None:
         super().__init__(n_tasks)
         if normalize not in ("none", "l2", "loss", "loss+"):
             raise ValueError(f"mgda: normalize must be one of none, l2, loss, loss+; got {normalize!r}")
@@ -452,22 +457,21 @@ REGISTRY: dict[str, type[Weighting]] = {
 }
 
 
-def _options(cls: type) -> dict[str, Any]:
-    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
-            if p.kind is p.KEYWORD_ONLY}
+def _options_class(cls: type) -> type:
+    """A weighting's keyword-only ``__init__`` arguments as a dataclass, for :func:`~.options.parse_options`."""
+    hints = typing.get_type_hints(cls.__init__)
+    params = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    return dataclasses.make_dataclass(f"{cls.__name__}Options",
+                                      [(p.name, hints.get(p.name, Any), dataclasses.field(default=p.default)) for p in params])
 
 
-WEIGHTING_OPTIONS: dict[str, dict[str, Any]] = {k: _options(c) for k, c in REGISTRY.items()}
+OPTIONS: dict[str, type] = {k: _options_class(c) for k, c in REGISTRY.items()}
+WEIGHTING_OPTIONS: dict[str, dict[str, Any]] = {k: dataclasses.asdict(o()) for k, o in OPTIONS.items()}
 
 
 def make_weighting(name: str, n_tasks: int, **options: Any) -> Weighting:
-    """Build a registry entry; unknown names or options raise ValueError listing the valid ones."""
+    """Build a registry entry; an unknown name, an unknown option or a wrong type raises a one-line ConfigError."""
     key = name.lower()
     if key not in REGISTRY:
-        raise ValueError(f"unknown weighting {name!r}; valid: {', '.join(REGISTRY)}")
-    valid = WEIGHTING_OPTIONS[key]
-    bad = sorted(set(options) - set(valid))
-    if bad:
-        raise ValueError(f"weighting {key!r}: unknown option(s) {', '.join(bad)}; valid options: "
-                         f"{', '.join(f'{k}={v!r}' for k, v in valid.items()) or 'none'}")
-    return REGISTRY[key](n_tasks, **options)
+        raise ConfigError(f"unknown weighting {name!r}; valid: {', '.join(REGISTRY)}")
+    return REGISTRY[key](n_tasks, **vars(parse_options(OPTIONS[key], options, "weighting.options")))

@@ -135,7 +135,7 @@ def test_one_process_pays_nothing():
 SAC = ["mt10_conal", "arch.conflict_noticed=false", "env.tasks=[reach-v3,push-v3]", "model.hidden=[32,32]", "arch.search_steps=40",
        "train.warmup_steps=20", "train.updates_per_step=1", "agent.batch_per_task=16", "agent.buffer_size=2000",
        "env.max_episode_steps=20", "eval.every_env_steps=200", "eval.episodes_per_task=1",
-       "eval.final_episodes_per_task=1", "train.log_every=100", "train.checkpoint_every=200", "device=cpu",
+       "eval.final_episodes_per_task=1", "train.log_every=100", "train.checkpoint_every_env_steps=200", "device=cpu",
        "wandb.mode=disabled", "train.threads=1"]
 
 # each rank, after RLRun.learn: a hash of its parameters and of its replay, written to the folder REPORT

@@ -33,7 +33,7 @@ pytest.importorskip("metaworld")
 # CoNAL without the conflict-noticed operation, a fast alpha, a quarter update per vector step
 TINY = ["mt10_conal", "arch.conflict_noticed=false", "arch.options.lr=3e-3", "train.updates_per_step=0.25",
         "env.tasks=[reach-v3,push-v3]", "env.max_episode_steps=50", "model.hidden=[32,32]",
-        "train.total_env_steps=400", "train.warmup_steps=40", "train.checkpoint_every=50", "train.log_every=40",
+        "train.total_env_steps=400", "train.warmup_steps=40", "train.checkpoint_every_env_steps=50", "train.log_every=40",
         "eval.every_env_steps=200", "eval.episodes_per_task=1", "eval.final_episodes_per_task=1",
         "arch.search_steps=80", "agent.batch_per_task=16", "agent.buffer_size=2000", "wandb.mode=disabled",
         "device=cpu"]
@@ -194,7 +194,7 @@ def test_finished_run_resumed_with_a_larger_budget_trains_on(reference, tmp_path
 def test_a_budget_stop_then_a_larger_budget_logs_the_uninterrupted_windows(one_thread, tmp_path, capsys):
     """Training logs every 120 env steps; a run stopped by its budget at 200 (not a log step) and resumed to 400
     writes the uninterrupted run's lines (same windows, same values) plus only the stop point's lines at 200."""
-    log = ["train.log_every=120", "train.checkpoint_every=1000"]
+    log = ["train.log_every=120", "train.checkpoint_every_env_steps=1000"]
     full, split = tmp_path / "full", tmp_path / "split"
     assert main(train_args(full, *log)) == 0
     assert main(train_args(split, *log, "train.total_env_steps=200")) == 0
@@ -242,7 +242,7 @@ def test_scheduled_search_stopped_mid_search_resumes_exactly(bench, one_thread, 
 
 def test_sigint_saves_and_exits_0(bench, tmp_path):
     d = tmp_path / "run"
-    p = start(bench, *train_args(d, "train.checkpoint_every=1000"))  # only the stop writes a checkpoint
+    p = start(bench, *train_args(d, "train.checkpoint_every_env_steps=1000"))  # only the stop writes a checkpoint
     wait_for(p, lambda: (d / "metrics.jsonl").is_file() and len((d / "metrics.jsonl").read_text().splitlines()) >= 3)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
@@ -452,12 +452,12 @@ BAD_CONFIGS = {
     "unknown section": (["trian.lr=0.1"], "unknown config key 'trian'; did you mean train?"),
     "wrong type": (["train.total_env_steps=abc"], "train.total_env_steps must be an integer"),
     "wrong type bool": (["train.amp=maybe"], "train.amp must be true or false"),
-    "negative lr": (["agent.lr=-0.001"], "agent.lr must be positive"),
+    "negative lr": (["train.lr=-0.001"], "train.lr must be positive"),
     "out of range gamma": (["agent.gamma=1.5"], "agent.gamma must be in (0, 1]"),
     "bad literal": (["wandb.mode=sometimes"], "wandb.mode must be one of offline, online, disabled"),
     "unknown method": (["arch.method=conall"], "conal"),
     "unknown weighting": (["weighting=pcgard"], "pcgrad"),
-    "unknown method option": (["arch.options.lrr=1"], "unknown option arch.options.lrr"),
+    "unknown method option": (["arch.options.lrr=1"], "unknown config key 'arch.options.lrr' (valid here: none)"),  # hps has no options
     "unknown task": (["env.tasks=[reach-v3,pushh-v3]"], "unknown task(s) for MT10: 'pushh-v3' (close matches: push-v3"),
     "not key=value": (["train.lr"], "is not of the form key=value"),
 }
@@ -491,16 +491,17 @@ def test_bad_config_files(tmp_path, capsys):
 def test_debug_shows_the_traceback():
     from mtrl_arch.config import ConfigError
 
-    with pytest.raises(ConfigError, match="agent.lr must be positive"):
-        main(["--debug", "train", "mt10_quick", "agent.lr=-1"])
+    with pytest.raises(ConfigError, match="train.lr must be positive"):
+        main(["--debug", "train", "mt10_quick", "train.lr=-1"])
 
 
 def test_bad_config_in_a_fresh_process_prints_one_line_only():
-    r = subprocess.run([sys.executable, "-m", "mtrl_arch.cli", "train", "mt10_quick", "train.checkpoint_evry=5"],
+    r = subprocess.run([sys.executable, "-m", "mtrl_arch.cli", "train", "mt10_quick", "train.checkpoint_every_env_step=5"],
                        capture_output=True, text=True, env=_env(), timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "error: unknown config key 'train.checkpoint_evry'; did you mean train.checkpoint_every? (valid here: "
+        "error: unknown config key 'train.checkpoint_every_env_step'; did you mean train.checkpoint_every_env_steps? "
+        "(valid here: "
         + r.stderr.split("(valid here: ")[1].strip()]
 
 

@@ -24,7 +24,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, a dependency of pytest there
     import tomli as tomllib
 
-CORE = ["tree", "trunk", "search", "conflict", "weighting", "update", "steps", "config", "logger",
+CORE = ["tree", "trunk", "search", "conflict", "weighting", "update", "steps", "config", "options", "logger",
         "checkpoint", "run", "metrics", "synthetic", "bench"]
 
 ROOT = Path(__file__).resolve().parents[1]

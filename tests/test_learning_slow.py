@@ -20,7 +20,7 @@ def test_mtsac_learns_reach(tmp_path) -> None:
     rc = main(["train", "mt10_hps", "env.tasks=[reach-v3]", "train.total_env_steps=40000", "train.warmup_steps=1000",
                "model.hidden=[256,256]", "env.max_episode_steps=200", "eval.every_env_steps=10000",
                "eval.episodes_per_task=10", "eval.final_episodes_per_task=20", "train.threads=1",
-               "wandb.mode=disabled", "train.log_every=5000", "train.checkpoint_every=0",
+               "wandb.mode=disabled", "train.log_every=5000", "train.checkpoint_every_env_steps=0",
                f"run_dir={tmp_path / 'reach'}", "--no-progress"])
     assert rc == 0
     evals = [r for r in read_metrics(tmp_path / "reach") if "eval/success_rate/mean" in r]
@@ -41,7 +41,7 @@ def test_the_main_job_shortened_learns_drawer_close(tmp_path) -> None:
     """
     run = tmp_path / "quick"
     rc = main(["train", "mt10_quick", "env.tasks=[reach-v3,drawer-close-v3]", "train.total_env_steps=40000",
-               "eval.every_env_steps=10000", "train.threads=1", "wandb.mode=disabled", "train.checkpoint_every=0",
+               "eval.every_env_steps=10000", "train.threads=1", "wandb.mode=disabled", "train.checkpoint_every_env_steps=0",
                f"run_dir={run}", "--no-progress"])
     assert rc == 0
     evals = [r for r in read_metrics(run) if "eval/success_rate/mean" in r]

@@ -149,7 +149,7 @@ def test_mt10_hps_is_the_reference_setting() -> None:
     c = load_config("mt10_hps", [])
     a, t, e = c.agent, c.train, c.eval
     assert (c.arch.method, c.weighting.method, c.model.hidden, c.model.init) == ("hps", "ew", [400, 400, 400], "he_uniform")
-    assert (a.batch_per_task, a.lr, a.alpha_lr, a.adam_eps, a.grad_clip) == (128, 3e-4, 3e-4, 1e-5, 1.0)
+    assert (a.batch_per_task, t.lr, a.alpha_lr, a.adam_eps, t.grad_clip) == (128, 3e-4, 3e-4, 1e-5, 1.0)
     assert (a.gamma, a.tau, a.init_alpha, a.target_entropy, a.buffer_size) == (0.99, 0.005, 1.0, 0.0, 1_000_000)
     assert (t.warmup_steps, t.updates_per_step, t.total_env_steps) == (4000, 1.0, 20_000_000)
     assert (e.every_env_steps, e.episodes_per_task, e.final_episodes_per_task) == (200_000, 50, 0)

@@ -10,7 +10,7 @@
   Both run in float64 from the same weights, data and seeds, so the only differences are
   summation orders: tolerance 1e-9 absolute, 1e-7 relative (float32 would compare Adam
   trajectories, where a gradient entry near zero can legitimately flip sign).
-* The compiled losses (``agent.compile=true``) match the eager ones (skipped where
+* The compiled losses (``train.compile=true``) match the eager ones (skipped where
   torch.compile does not work).
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _load_conal_member(ens, single, e: int) -> None:
 # ---- the update against a plain reference -------------------------------------------------------
 def make_agent(*overrides: str) -> MTSAC:
     cfg = load_config(None, [f"model.hidden={HID}", f"agent.batch_per_task={B}", "agent.buffer_size=600", "arch.method=hps",
-                             "device=cpu", "seed=3", "agent.grad_clip=1.0", *overrides])
+                             "device=cpu", "seed=3", "train.grad_clip=1.0", *overrides])
     return MTSAC(TASKS, OBS, ACT, cfg)
 
 
@@ -132,8 +132,8 @@ class Reference:
     """Multi-task SAC written plainly: an HPS actor and two HPS critics with per-task heads."""
 
     def __init__(self, agent: MTSAC):
-        a = agent.cfg.agent
-        self.gamma, self.tau, self.clip = a.gamma, a.tau, a.grad_clip
+        a, lr = agent.cfg.agent, agent.cfg.train.lr
+        self.gamma, self.tau, self.clip = a.gamma, a.tau, agent.cfg.train.grad_clip
         self.log_std_min, self.log_std_max = a.log_std_min, a.log_std_max
         self.target_entropy = -float(ACT)
 
@@ -155,8 +155,8 @@ class Reference:
         self.log_alpha = torch.full((T,), math.log(a.init_alpha), requires_grad=True)
         flat = lambda net: [p for part in net for wb in part for p in wb]  # noqa: E731
         self.actor_params, self.q_params = flat(self.actor), flat(self.qf1) + flat(self.qf2)
-        self.actor_optimizer = torch.optim.Adam(self.actor_params, lr=a.lr, eps=a.adam_eps, foreach=False)
-        self.q_optimizer = torch.optim.Adam(self.q_params, lr=a.lr, eps=a.adam_eps, foreach=False)
+        self.actor_optimizer = torch.optim.Adam(self.actor_params, lr=lr, eps=a.adam_eps, foreach=False)
+        self.q_optimizer = torch.optim.Adam(self.q_params, lr=lr, eps=a.adam_eps, foreach=False)
         self.a_optimizer = torch.optim.Adam([self.log_alpha], lr=a.alpha_lr, eps=a.adam_eps, foreach=False)
 
     @staticmethod
@@ -275,7 +275,7 @@ def _compile_works() -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_update_matches_eager(mode: str) -> None:
-    """``agent.compile=true`` gives the eager update's parameters (policy noise drawn as eager draws it);
+    """``train.compile=true`` gives the eager update's parameters (policy noise drawn as eager draws it);
     on CPU ``reduce-overhead`` (CUDA graphs on a GPU) compiles without them and must match too."""
     if not _compile_works():
         pytest.skip("torch.compile is not available here")
@@ -285,7 +285,7 @@ def test_compiled_update_matches_eager(mode: str) -> None:
     torch.set_default_dtype(torch.float64)
     inductor_config.fallback_random = True  # randn_like in compiled code draws from the eager generator
     try:
-        eager, compiled = make_agent(), make_agent("agent.compile=true", f"agent.compile_mode={mode}")
+        eager, compiled = make_agent(), make_agent("train.compile=true", f"train.compile_mode={mode}")
         fill(eager), fill(compiled)
         for _ in range(3):
             for agent in (eager, compiled):

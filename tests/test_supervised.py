@@ -280,7 +280,7 @@ def test_stop_during_evaluation_abandons_it_and_resumes_exactly(tmp_path, cache,
 
     # eval batches of 8: several per split on the real-data subset too
     over = _multi(cache, "train.epochs=2", "eval.limit_batches=4", "eval.batch_size=8", "eval.every_epochs=1",
-                  "train.checkpoint_every=1")
+                  "train.checkpoint_every_epochs=1")
     straight, run = tmp_path / "straight", tmp_path / "run"
     assert _train("multi_fashion_mnist_hps", straight, over) == 0
     seen: list[_CountingMetrics] = []
@@ -353,7 +353,7 @@ def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, cache, capsy
     import shutil
 
     ref, run = tmp_path / "ref", tmp_path / "run"
-    assert _train("multi_fashion_mnist_hps", ref, _multi(cache, "train.epochs=2", "train.checkpoint_every=1")) == 0
+    assert _train("multi_fashion_mnist_hps", ref, _multi(cache, "train.epochs=2", "train.checkpoint_every_epochs=1")) == 0
     shutil.copytree(ref, run)
     (run / "model.pt").unlink()
     assert C.list_steps(run / "checkpoints") == [3, 6]

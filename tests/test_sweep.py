@@ -67,7 +67,7 @@ def test_plan_refuses_a_bad_setting_before_anything_runs(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, needle", [("data.options.train_subsett=100,200", "data.options.train_subset"),
-                                              ("model.options.tied_init=true,maybe", "model.options.tied_init")])
+                                              ("model.options.width=8,wide", "model.options.width")])
 def test_a_bad_supervised_option_in_any_setting_fails_before_any_trial(tmp_path, capsys, override, needle):
     rc = main(["sweep", "multi_fashion_mnist_hps", override, "--out", str(tmp_path / "s"), "--runner", "local"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -23,7 +23,6 @@ only call the methods below, so adding a method never touches a loop:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -186,26 +185,3 @@ class ArchMethod:
     def load_state_dict(self, d: dict) -> None:
         if self.arch_optimizer is not None and d.get("arch_optimizer") is not None:
             self.arch_optimizer.load_state_dict(d["arch_optimizer"])
-
-
-def parse_options(cls: type[ArchMethod], raw: dict[str, Any] | None) -> Any:
-    """Build ``cls.Options`` from a plain dict, refusing unknown keys with the nearest valid name."""
-    raw = dict(raw or {})
-    fields = {f.name: f for f in dataclasses.fields(cls.Options)}
-    for k in raw:
-        if k not in fields:
-            near = difflib.get_close_matches(k, fields, n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            valid = ", ".join(sorted(fields)) or "none"
-            raise ValueError(f"unknown option arch.options.{k} for method {cls.name!r}{hint}; valid: {valid}")
-    out = {}
-    for k, v in raw.items():
-        default = fields[k].default
-        if isinstance(default, bool) and not isinstance(v, bool):
-            raise ValueError(f"arch.options.{k} must be true or false, got {v!r}")
-        if isinstance(default, (int, float)) and not isinstance(default, bool):
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ValueError(f"arch.options.{k} must be a number, got {v!r}")
-            v = type(default)(v) if not (isinstance(default, int) and isinstance(v, float) and not v.is_integer()) else v
-        out[k] = v
-    return cls.Options(**out)
