@@ -65,7 +65,7 @@ def rows(steps: int) -> dict[str, tuple[str, list[str]]]:
         "hps_pcgrad": ("multi_fashion_mnist_hps", ["weighting=pcgrad"]),
         "conal": ("multi_fashion_mnist_conal", search),
         "conal_margin": ("multi_fashion_mnist_conal", search + ["arch.derive=margin", "arch.derive_margin=0.2"]),
-        "conal_budget": ("multi_fashion_mnist_conal", search + ["arch.max_params=0.75*stl"]),
+        "conal_budget": ("multi_fashion_mnist_conal", search + ["arch.max_params=0.95*stl"]),
         "conal_pro": ("multi_fashion_mnist_conal_pro", [f"arch.search_steps={steps - steps % 3}",
                                                         f"arch.options.steps_per_stage={steps // 3}", "arch.options.lr=0.01"]),
         "recon": ("multi_fashion_mnist_recon", [f"arch.search_steps={steps}", "arch.options.fraction=0", "arch.options.k=1"]),
@@ -83,7 +83,7 @@ def overrides_for(regime: str, row: str, root: str, cache: Path) -> tuple[str, l
     ov, steps = REGIMES[regime]
     config, extra = rows(steps)[row]
     width = next((int(o.split("=")[1]) for o in ov if o.startswith("model.options.width=")), 1)
-    extra = [o.replace("0.75*stl", str(int(0.75 * stl_trunk_params(width)))) for o in extra]
+    extra = [o.replace("0.95*stl", str(int(0.95 * stl_trunk_params(width)))) for o in extra]
     return config, [f"data.root={root}", f"data.options.cache_dir={cache}", *COMMON, *ov, *extra]
 
 

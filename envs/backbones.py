@@ -18,7 +18,10 @@ Vision
 NLP
 ---
 * :class:`EmbeddingBank` (token + learned position embeddings), :class:`TransformerBlock`
-  (pre-LN encoder block, a plain module run as a bank by :class:`DropoutVmapBank`),
+  (pre-LN encoder block, a plain module run as a bank by :class:`TransformerBlockBank`:
+  stacked parameters, layer norms and linears on the real tokens only, attention cut to
+  each call's longest sequence, one short loop over the calls; :class:`DropoutVmapBank`,
+  the same block through ``torch.func.vmap``, is kept as its reference),
   :class:`MaskedMeanPoolBank` (final LayerNorm + mean over non-padded tokens).
 * :func:`transformer_stages`.
 
@@ -51,6 +54,7 @@ __all__ = [
     "EmbeddingBank",
     "TransformerBlock",
     "DropoutVmapBank",
+    "TransformerBlockBank",
     "MaskedMeanPoolBank",
     "transformer_stages",
 ]
@@ -433,6 +437,83 @@ class DropoutVmapBank(VmapBank):
         return torch.func.vmap(fn, in_dims=(0, 0, None if aux is None else 0), randomness="different")(stacked, x, aux)
 
 
+def _last_real(mask: Tensor) -> int:
+    """One past the last position any row of ``mask [B, L]`` marks real (0 when none)."""
+    cols = mask.any(0).nonzero()
+    return int(cols[-1]) + 1 if len(cols) else 0
+
+
+class TransformerBlockBank(DropoutVmapBank):
+    """``n_modules`` :class:`TransformerBlock` s run as one bank without ``vmap``.
+
+    Same parameters (``params``, stacked in ``TransformerBlock`` order), initial draws and
+    state-dict keys as :class:`DropoutVmapBank` (which stays as the reference
+    implementation: ``DropoutVmapBank.forward(bank, ...)``). With a padding mask
+    (``aux [C, B, L]``) every call is cut to its own longest sequence (``L_c``) and the
+    layer norms and linear layers run on the real tokens only (packed ``[N_c, d]``);
+    only the attention uses the ``[B, h, L_c, L_c]`` layout. Padded positions pass their
+    input through unchanged (in the reference they hold values no real token ever reads:
+    keys are masked, pooling is masked), so every real token's output is the reference's
+    to float rounding. Attention without dropout (eval, or ``dropout=0``) is
+    ``F.scaled_dot_product_attention`` with the same additive mask (most negative float
+    on padded keys), which never materialises the score matrix on CPU. With dropout the
+    explicit softmax + dropout path is kept; its random draws differ from the reference's
+    (different shapes), not its distribution.
+    """
+
+    def _weights(self, idx: Sequence[int]) -> list[dict[str, Tensor]]:
+        if self.capture_tasks is None:
+            return [{n: p[m] for n, p in zip(self._names, self.params)} for m in idx]
+        stacked = {n: self.gather(p, idx) for n, p in zip(self._names, self.params)}
+        return [{n: t[c] for n, t in stacked.items()} for c in range(len(idx))]
+
+    def forward(self, x: Tensor, idx: Sequence[int], aux: Tensor | None = None) -> Tensor:
+        self._template[0].train(self.training)
+        C, B, L, d = x.shape
+        tmpl = self._template[0]
+        h, p, train = tmpl.n_heads, (tmpl.dropout if self.training else 0.0), self.training
+        dh = d // h
+        outs = []
+        for c, w in enumerate(self._weights(idx)):
+            if aux is None:
+                Lc, sel = L, None
+                tok = x[c].reshape(B * L, d)
+            else:
+                m = aux[c].bool()
+                Lc = _last_real(m)
+                if Lc == 0:
+                    continue
+                sel = m[:, :Lc]
+                tok = x[c, :, :Lc][sel]                               # [N_c, d] real tokens
+            qkv = F.linear(F.layer_norm(tok, (d,), w["ln1.weight"], w["ln1.bias"]), w["qkv.weight"], w["qkv.bias"])
+            if sel is not None:
+                qkv = qkv.new_zeros(B, Lc, 3 * d).index_put((sel,), qkv)
+            q, k, v = qkv.view(B, Lc, 3, h, dh).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, Lc, dh]
+            add = None
+            if sel is not None:
+                add = torch.zeros(B, 1, 1, Lc, dtype=q.dtype, device=q.device).masked_fill(
+                    ~sel.view(B, 1, 1, Lc), torch.finfo(q.dtype).min)
+            if p > 0.0:
+                scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(dh))
+                if add is not None:
+                    scores = scores + add
+                a = F.dropout(scores.softmax(-1), p, train) @ v
+            else:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=add)
+            a = a.transpose(1, 2).reshape(B, Lc, d)
+            a = a[sel] if sel is not None else a.reshape(B * L, d)
+            tok = tok + F.dropout(F.linear(a, w["proj.weight"], w["proj.bias"]), p, train)
+            hdn = F.gelu(F.linear(F.layer_norm(tok, (d,), w["ln2.weight"], w["ln2.bias"]), w["fc1.weight"], w["fc1.bias"]))
+            tok = tok + F.dropout(F.linear(F.dropout(hdn, p, train), w["fc2.weight"], w["fc2.bias"]), p, train)
+            outs.append(tok)
+        if aux is None:
+            return torch.stack(outs).view(C, B, L, d)
+        if not outs:
+            return x
+        full = aux.bool().unsqueeze(-1).expand(C, B, L, d)
+        return x.masked_scatter(full, torch.cat(outs))
+
+
 class MaskedMeanPoolBank(nn.Module):
     """Final LayerNorm (the pre-LN stack needs one) + mean over non-padded tokens.
 
@@ -473,7 +554,7 @@ def transformer_stages(
     """A small pre-LN transformer encoder as ``n_layers + 2`` stages.
 
     * stage 0: :class:`EmbeddingBank` — ``ids [C, B, L] -> [C, B, L, d]``;
-    * stages 1..n_layers: :class:`TransformerBlock` run by :class:`DropoutVmapBank`
+    * stages 1..n_layers: :class:`TransformerBlock` run by :class:`TransformerBlockBank`
       (residual-shaped: ``[C, B, L, d] -> [C, B, L, d]``; may be skipped);
     * stage n_layers+1: :class:`MaskedMeanPoolBank` — final LayerNorm + mean over the
       non-padded tokens -> ``[C, B, d]``. Pooling is a stage (not part of the heads) so the
@@ -486,7 +567,7 @@ def transformer_stages(
                        f"embedding {vocab_size}x{d_model}")]
     for i in range(n_layers):
         specs.append(StageSpec(
-            lambda n: DropoutVmapBank(n, lambda: TransformerBlock(d_model, n_heads, d_ff, dropout)),
+            lambda n: TransformerBlockBank(n, lambda: TransformerBlock(d_model, n_heads, d_ff, dropout)),
             f"block {i + 1} (d={d_model}, heads={n_heads}, ff={d_ff})", residual_shaped=True))
     specs.append(StageSpec(lambda n: MaskedMeanPoolBank(n, d_model), "layernorm + masked mean pool"))
     return specs

@@ -122,7 +122,7 @@ def check_config(cfg: Config) -> tuple[Any, Any, tuple[str, ...]]:
     model_opts = _options(MODELS[cfg.model.backbone], cfg.model.options, "model.options")
     valid = b["tasks"]
     if valid is None:  # CelebA: attribute names are checked against the file
-        from .vision import CELEBA_9_TASKS
+        from .vision_celeba import CELEBA_9_TASKS
 
         tasks = tuple(cfg.data.tasks) or CELEBA_9_TASKS
     else:
@@ -224,7 +224,7 @@ def _multi_digit(cfg: Config, o: MultiDigitData, m: Any, tasks) -> TaskAdapter:
 
 # ---- CelebA ---------------------------------------------------------------------------------------
 def _celeba(cfg: Config, o: CelebAData, m: ResNetModel, tasks) -> TaskAdapter:
-    from .vision import CelebA
+    from .vision_celeba import CelebA
 
     if o.image_source not in ("auto", "jpg", "npy"):
         raise ConfigError(f"data.options.image_source must be auto, jpg or npy; got {o.image_source!r}")

@@ -44,6 +44,25 @@ class GlueMetrics:
         return out
 
 
+def glue_inputs(batch: dict) -> tuple[Tensor, Tensor]:
+    """The trunk's ``(ids, mask)`` of a batch, cut to the batch's longest sequence.
+
+    Rows that are only evaluation padding (``valid`` False) keep one real token, so they
+    cost nothing beyond their first position. Both are pure speed-ups: the transformer's
+    outputs at real tokens (and so the pooled features) do not depend on how much padding
+    follows them (see tests/test_backbones.py).
+    """
+    x, mask = batch["x"], batch["mask"]
+    valid = batch.get("valid")
+    if valid is not None and not bool(valid.all()):
+        first = torch.zeros_like(mask)
+        first[..., 0] = True
+        mask = torch.where(valid.unsqueeze(-1), mask, first & mask[..., :1])
+    cols = mask.flatten(0, -2).any(0).nonzero()
+    L = int(cols[-1]) + 1 if len(cols) else 1
+    return x[..., :L], mask[..., :L]
+
+
 def build_glue(cfg: Config, o: GlueData, m: TransformerModel, tasks) -> TaskAdapter:
     from .nlp import GLUE_TASKS, GlueDataset, GlueSplit, WordPieceTokenizer, read_glue
     from .supervised_data import holdout_indices
@@ -93,7 +112,7 @@ def build_glue(cfg: Config, o: GlueData, m: TransformerModel, tasks) -> TaskAdap
     return TaskAdapter(
         "glue", tasks, _spec(tasks, stages, heads, cfg), False,
         PerTaskData(train_parts), PerTaskData(val_parts) if len(val_parts) == len(tasks) else None,
-        PerTaskData(test_parts), inputs=lambda b: (b["x"], b["mask"]), losses=losses,
+        PerTaskData(test_parts), inputs=glue_inputs, losses=losses,
         metrics=lambda: GlueMetrics(tasks, regression), lower_is_better=_lib(tasks, metric_names),
         info={"root": str(root), "vocab_size": len(tok), "regression": regression, "head_width": width,
               "sizes": {"train": [len(p) for p in train_parts], "val": [len(p) for p in val_parts],

@@ -122,7 +122,7 @@ def scene_spec(cfg: Config, o: SceneData, m: ResNetModel, tasks, n_classes: int 
     ``n_classes`` defaults to NYUv2's 13 classes or CityScapes' ``data.options.n_classes``."""
     _check(cfg, o)
     if n_classes is None:
-        from .vision import NYUv2
+        from .vision_scenes import NYUv2
 
         n_classes = NYUv2.n_classes if cfg.data.name == "nyuv2" else o.n_classes
     widths, w = _widths(n_classes), m.width
@@ -132,7 +132,7 @@ def scene_spec(cfg: Config, o: SceneData, m: ResNetModel, tasks, n_classes: int 
 
 
 def build_scenes(cfg: Config, o: SceneData, m: ResNetModel, tasks) -> TaskAdapter:
-    from .vision import CityScapes, NYUv2
+    from .vision_scenes import CityScapes, NYUv2
 
     root = data_root(cfg)
     _check(cfg, o)

@@ -16,6 +16,7 @@ from mtrl_arch.envs.backbones import (
     MaskedMeanPoolBank,
     ResNetBasicBlockBank,
     TransformerBlock,
+    TransformerBlockBank,
     classification_heads,
     lenet_stages,
     resnet18_stages,
@@ -340,3 +341,111 @@ def test_transformer_trunk_end_to_end():
     ids2[:, :, 8:] = 0
     _assert_near(net(ids, aux=mask), net(ids2, aux=mask), 1e-5)
     assert copy.deepcopy(net) is not None
+
+
+# ---- TransformerBlockBank (batched, packed real tokens) against the vmap reference and nn blocks ----
+def _ragged_mask(C, B, L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, L + 1, (C, B), generator=g)
+    lens[0] = torch.clamp(lens[0], max=L - 3)  # call 0 shorter than L: cut to its own longest
+    return torch.arange(L) < lens.unsqueeze(-1)
+
+
+@pytest.mark.parametrize("idx", [[0, 1, 2], [2, 0, 2], [1, 1, 1], [0, 2, 1, 0]])
+def test_batched_block_bank_matches_separate_blocks_on_real_tokens(idx):
+    torch.manual_seed(11)
+    make = lambda: TransformerBlock(16, 4, 32, dropout=0.0)  # noqa: E731
+    bank = TransformerBlockBank(3, make)
+    refs = _block_refs(bank, make)
+    C = len(idx)
+    x = torch.randn(C, 5, 9, 16, requires_grad=True)
+    mask = _ragged_mask(C, 5, 9)
+    y = bank(x, idx, mask)
+    ref = torch.stack([refs[m](x[c], mask[c]) for c, m in enumerate(idx)])
+    m3 = mask.unsqueeze(-1).expand_as(y)
+    _assert_near(y[m3], ref[m3], 1e-5)
+    assert torch.equal(y[~m3], x.detach()[~m3])  # padded positions pass their input through
+    g = torch.randn_like(y) * mask.unsqueeze(-1)  # what a masked pooling reads
+    gx, *gp = torch.autograd.grad((y * g).sum(), [x, *bank.params])
+    gx_ref = torch.autograd.grad((ref * g).sum(), [x], retain_graph=True)[0]
+    _assert_near(gx[m3], gx_ref[m3], 1e-5)
+    (ref * g).sum().backward()
+    for m in range(3):
+        grads = dict(refs[m].named_parameters())
+        for n, gpn in zip(bank._names, gp):
+            want = grads[n].grad if m in idx else torch.zeros_like(grads[n])
+            _assert_near(gpn[m], want, 1e-4)
+
+
+@pytest.mark.parametrize("idx", [[0, 1, 2], [1, 1, 1]])
+def test_batched_block_bank_equals_vmap_bank(idx):
+    """The batched bank and the vmap reference (DropoutVmapBank.forward) on the same parameters."""
+    torch.manual_seed(12)
+    bank = TransformerBlockBank(3, lambda: TransformerBlock(16, 2, 32, dropout=0.1))
+    bank.eval()
+    x = torch.randn(3, 4, 8, 16)
+    mask = _ragged_mask(3, 4, 8, seed=1)
+    m3 = mask.unsqueeze(-1).expand_as(x)
+    _assert_near(bank(x, idx, mask)[m3], DropoutVmapBank.forward(bank, x, idx, mask)[m3], 1e-5)
+    _assert_near(bank(x, idx), DropoutVmapBank.forward(bank, x, idx), 1e-5)  # no mask: every position
+    assert set(bank.state_dict()) == set(DropoutVmapBank(3, lambda: TransformerBlock(16, 2, 32)).state_dict())
+
+
+def test_batched_block_bank_dropout_and_capture():
+    torch.manual_seed(13)
+    bank = TransformerBlockBank(2, lambda: TransformerBlock(16, 2, 32, dropout=0.5))
+    with torch.no_grad():
+        for p in bank.params:
+            p[1].copy_(p[0])
+    x = torch.randn(1, 3, 5, 16).expand(2, 3, 5, 16)
+    mask = torch.ones(2, 3, 5, dtype=torch.bool)
+    y = bank(x, [0, 1], mask)  # train mode: independent dropout per call
+    assert not torch.allclose(y[0], y[1])
+    bank.eval()
+    y = bank(x, [0, 1], mask)
+    _assert_near(y[0], y[1])
+    # capture (per-call parameter leaves, the conflict-noticed operation's one-backward path):
+    # a shared module's row c of the leaf gradient is call c's own gradient
+    x = torch.randn(2, 3, 5, 16)
+    mask[1, :, 3:] = False
+    bank.captured, bank.capture_tasks = [], [0, 1]
+    y = bank(x, [0, 0], mask)
+    bank.capture_tasks = None
+    (y * mask.unsqueeze(-1)).sum().backward()
+    for name, (param, leaf, idx, tasks) in zip(bank._names, bank.captured):
+        assert idx == [0, 0] and tasks == [0, 1]
+        for c in range(2):
+            p = param.detach()[0].clone().requires_grad_(True)
+            bank2 = TransformerBlockBank(1, lambda: TransformerBlock(16, 2, 32, dropout=0.5))
+            bank2.eval()
+            with torch.no_grad():
+                for q, src in zip(bank2.params, bank.params):
+                    q.copy_(src[:1])
+            out = bank2(x[c:c + 1], [0], mask[c:c + 1])
+            (out * mask[c:c + 1].unsqueeze(-1)).sum().backward()
+            want = dict(zip(bank2._names, bank2.params))[name].grad[0]
+            _assert_near(leaf.grad[c], want, 1e-4)
+            break  # one parameter is enough per call
+
+
+def test_transformer_trunk_outputs_do_not_depend_on_padding_length():
+    """Trimming to the batch's longest sequence (envs.supervised_glue.glue_inputs) is a pure
+    speed-up: every stage's real-token outputs ignore trailing padding, for any tree."""
+    from mtrl_arch.envs.supervised_glue import glue_inputs
+
+    torch.manual_seed(14)
+    specs = transformer_stages(100, d_model=16, n_heads=2, d_ff=32, n_layers=3, max_len=20)
+    for tree in (Tree.from_branch_points(["a", "b", "c"], 5, [5, 5, 5]),
+                 Tree.from_branch_points(["a", "b", "c"], 5, [2, 4, 0])):
+        net = Trunk(tree, specs, classification_heads(16, 2)).eval()
+        ids = torch.randint(5, 100, (3, 4, 20))
+        mask = _ragged_mask(3, 4, 20, seed=2) & (torch.arange(20) < 11)
+        valid = torch.ones(3, 4, dtype=torch.bool)
+        valid[2, 1:] = False  # evaluation padding rows
+        x, m = glue_inputs({"x": ids, "mask": mask, "valid": valid})
+        assert x.shape[-1] == 11 and m.shape == x.shape
+        assert torch.equal(m[valid], mask[valid][:, :11]) and not m[~valid][:, 1:].any()
+        full = net(ids, aux=mask)
+        cut = net(x, aux=m)
+        _assert_near(cut[valid], full[valid], 1e-5)
+        assert torch.isfinite(cut).all()

@@ -1,4 +1,4 @@
-"""envs/vision.py: IDX reader, the Multi-X generator, and the .npy / CelebA loaders on fixtures."""
+"""envs/vision*.py: IDX reader, the Multi-X generator, and the .npy / CelebA loaders on fixtures."""
 from __future__ import annotations
 
 import gzip
@@ -10,14 +10,13 @@ import pytest
 import torch
 
 from data_roots import SUBSET, data_root, is_subset, real_root
+from mtrl_arch.envs.vision_celeba import CelebA
+from mtrl_arch.envs.vision_scenes import CityScapes, NYUv2
 from mtrl_arch.envs.vision import (
     CANVAS,
     ITEM,
-    CelebA,
-    CityScapes,
     DataError,
     MultiDigitDataset,
-    NYUv2,
     generate_multi,
     load_mnist,
     load_multi,
