@@ -74,6 +74,13 @@ def test_report_figures_trees_and_table(rl_runs, tmp_path):
     assert "![success_rate](success_rate.png)" in md
     data = json.loads((out / "summary.json").read_text())
     assert data["metric"] == "success_rate" and len(data["runs"]) == 4
+    # the methods table: RL rows get the IQM of the (seed, task) success rates; the trees per seed, per network
+    rows = {r["setting"]: r for r in data["methods"]["rows"]}
+    assert rows["arch.method=conal"]["trees"] == ["a:SGP c:SGP", "a:GGP c:SGP"]  # actor branch points [2,2,1], [2,2,0]
+    # conal's 6 final values 0, 0.1, 0.2, 0.3, 0.8, 0.9: trimming one from each end leaves 0.1, 0.2, 0.3, 0.8
+    iqm, lo, hi = rows["arch.method=conal"]["iqm"]
+    assert iqm == pytest.approx(0.35) and lo <= iqm <= hi
+    assert "## Methods table" in md and "IQM [95% CI]" in md
 
 
 def test_default_output_folder_and_cli(rl_runs, capsys):
