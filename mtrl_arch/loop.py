@@ -36,7 +36,7 @@ The learner provides::
     evaluate(stop, final) -> dict  # ``stop()`` raises StopRequested between batches/steps
     finite()                       # NonFiniteError naming the first bad loss or parameter (checked before
                                    # every line and checkpoint; the loop adds where the last good checkpoint is)
-    state_dict() / load_state_dict(d) / shared_state(d)        # shared_state: what ranks > 0 resume from
+    state_dict() / load_state_dict(d)                          # state_dict: called on every rank
 """
 from __future__ import annotations
 
@@ -286,8 +286,27 @@ class Run:
         return out
 
 
-# ---- callbacks: None, a function ``f(model) -> bool`` (False stops), or stable-baselines3 BaseCallbacks -------
-class _FnCallback:
+# ---- callbacks: None, a function ``f(model) -> bool`` (False stops), a stable-baselines3 BaseCallback, or a list ----
+class _Callbacks:
+    def __init__(self, cbs: list, model: Any):
+        self.cbs = [c if hasattr(c, "init_callback") else _Fn(c, model) for c in cbs]
+        for c in self.cbs:
+            if not isinstance(c, _Fn):
+                c.init_callback(model)  # SB3's: the callback reads model.num_timesteps, model.logger
+
+    def on_training_start(self, *a) -> None:
+        for c in self.cbs:
+            c.on_training_start(*a)
+
+    def on_step(self) -> bool:
+        return all([c.on_step() for c in self.cbs])  # every callback sees every step
+
+    def on_training_end(self) -> None:
+        for c in self.cbs:
+            c.on_training_end()
+
+
+class _Fn:
     def __init__(self, fn: Callable[[Any], Any], model: Any):
         self.fn, self.model = fn, model
 
@@ -301,17 +320,9 @@ class _FnCallback:
         pass
 
 
-def as_callback(callback: Any, model: Any):
-    if callback is None:
-        return _FnCallback(lambda m: True, model)
-    if isinstance(callback, (list, tuple)):
-        from stable_baselines3.common.callbacks import CallbackList
-
-        callback = CallbackList(list(callback))
-    if hasattr(callback, "init_callback"):
-        callback.init_callback(model)
-        return callback
-    return _FnCallback(callback, model)
+def as_callback(callback: Any, model: Any) -> _Callbacks:
+    cbs = [] if callback is None else list(callback) if isinstance(callback, (list, tuple)) else [callback]
+    return _Callbacks(cbs, model)
 
 
 __all__ = ["Run", "Cadence", "find_resume", "graceful_stop", "as_callback", "NonFiniteError", "StopRequested"]
