@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from mtrl_arch import distributed
 from mtrl_arch.config import Config
+from mtrl_arch.run import restore_schedules
 from mtrl_arch.search import TrunkSpec, make_method
 from mtrl_arch.steps import weight_parameters, weight_step
 from mtrl_arch.tree import Tree
@@ -440,6 +441,28 @@ class MTSAC:
         self.n_updates = d["n_updates"]
         if "replay" in d:
             self.replay.load_state_dict(d["replay"])
+        if self.searching:  # the methods' schedules count updates (see mtrl_arch.run.restore_schedules)
+            restore_schedules((self.actor_method, self.critic_method), self.n_updates)
+
+    # ---- what a training loop needs --------------------------------------------------------------------
+    RANK_LOCAL = ("replay", "sample_gen")  # state_dict keys that belong to one data-parallel rank
+
+    def store(self, obs: np.ndarray, action: np.ndarray, reward: np.ndarray, next_obs: np.ndarray,
+              terminated: np.ndarray) -> None:
+        """One vector step's transitions into the replay."""
+        self.replay.add(obs, action, reward, next_obs, terminated)
+
+    def replay_bytes(self) -> int:
+        return sum(getattr(self.replay, f).numel() for f in self.replay.FIELDS) * 4
+
+    def named_tensors(self) -> list[tuple[str, Tensor]]:
+        """Every learned tensor by name (what a finiteness check reads)."""
+        nets = {"actor": self.actor, "critic": self.critic, "critic_target": self.critic_target}
+        return [(f"{n}.{k}", p) for n, m in nets.items() for k, p in m.named_parameters()] + [("log_alpha", self.log_alpha)]
+
+    def reseed(self, seed: int) -> None:
+        """A fresh stream for the replay's draws (ranks > 0 of a data-parallel resume)."""
+        self.sample_gen.manual_seed(seed)
 
     # ---- stable-baselines3's verbs ---------------------------------------------------------------------
     env: Any = None
@@ -457,7 +480,7 @@ class MTSAC:
 
     @property
     def num_timesteps(self) -> int:
-        return 0 if self._run is None else self._run.num_timesteps
+        return 0 if self._run is None else self._run.learner.num_timesteps
 
     @property
     def logger(self) -> Any:
@@ -466,13 +489,15 @@ class MTSAC:
     def learn(self, total_timesteps: int, callback: Any = None, progress_bar: bool = False,
               logger: Any = None, run_dir: Any = None) -> "MTSAC":
         """Train for ``total_timesteps`` environment steps summed over tasks (SB3's meaning, per sub-env)."""
+        from mtrl_arch.loop import Run
+
         from .rl_loop import RLRun
 
         if self.env is None:
             raise ValueError("this agent has no environment; build it with MTSAC.from_env(env, config)")
         if self._run is None:
-            self._run = RLRun(self, self.env, logger, run_dir, progress=progress_bar)
-        self._run.learn(self._run.num_timesteps + total_timesteps, callback)
+            self._run = Run(RLRun(self, self.env), self.cfg, run_dir, logger, progress_bar)
+        self._run.learn(self.num_timesteps + total_timesteps, callback)
         return self
 
     def save(self, path: str) -> None:

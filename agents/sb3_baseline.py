@@ -49,9 +49,10 @@ from mtrl_arch.checkpoint import (StopRequested, assert_finite, list_steps, load
                                   set_rng_state)
 from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.logger import Logger
+from mtrl_arch.loop import graceful_stop
 from mtrl_arch.run import check_resume_key, find_resume_checkpoint, resume_key
 
-from .rl_loop import eval_lines, graceful_stop
+from .rl_loop import eval_lines
 
 MODEL_FORMAT = "mtrl-arch/sb3-stl"
 

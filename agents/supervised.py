@@ -1,4 +1,4 @@
-"""The supervised multi-task loop: search -> derive -> retrain, evaluation, checkpoints, logs.
+"""The supervised multi-task learner that :class:`mtrl_arch.loop.Run` drives: search -> derive -> retrain.
 
 One command runs the whole pipeline of an architecture method on a benchmark adapter:
 
@@ -39,8 +39,7 @@ resumed run ends that epoch, evaluation included, again). Batches are a pure fun
 (seed, epoch, position) and the RNG state is saved, so ``mtrl-arch train --resume RUN_DIR``
 continues exactly where the checkpoint was taken (mid-epoch after a signal), the methods'
 step schedules (AdaShare's temperature and curriculum, LTB's warm-up and temperature)
-included. A resume follows RL's rules (:mod:`mtrl_arch.run`'s resume helpers, which both
-loops call): a damaged newest checkpoint is moved aside and the previous one used, and one
+included. A resume follows RL's rules (:class:`mtrl_arch.loop.Run` drives both learners): a damaged newest checkpoint is moved aside and the previous one used, and one
 made with other values of the config fields that fix its contents (``data.name``,
 ``model.backbone``, ... :data:`mtrl_arch.run.RESUME_KEYS`) is refused in one line.
 
@@ -50,14 +49,14 @@ groups before they are combined) are averaged over ranks, evaluation runs on eve
 and rank 0 alone reads checkpoints (broadcast to the others on resume) and writes the run
 directory.
 
-The benchmark is an *adapter* (:class:`Adapter`, duck-typed; the benchmarks live in
-:mod:`mtrl_arch.envs.supervised` and build.py passes their factory in, so agents/ never
-imports envs/).
+The loop's period is an epoch (a search epoch, or the search's last step); its progress
+counts optimisation steps. The benchmark is an *adapter* (:class:`Adapter`, duck-typed; the
+benchmarks live in :mod:`mtrl_arch.envs.supervised` and build.py composes the run, so agents/
+never imports envs/).
 """
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 import time
 import warnings
@@ -68,13 +67,12 @@ import torch
 from torch import Tensor, nn
 
 from mtrl_arch import distributed
-from mtrl_arch.checkpoint import (NonFiniteError, StopRequested, load_latest, rng_preserved, rng_state, save_checkpoint,
-                                  set_rng_state)
+from mtrl_arch.checkpoint import NonFiniteError, rng_state, set_rng_state
 from mtrl_arch.config import Config, ConfigError
-from mtrl_arch.logger import Logger, progress_bar, read_metrics
+from mtrl_arch.logger import read_metrics
+from mtrl_arch.loop import Cadence
 from mtrl_arch.metrics import delta_m
-from mtrl_arch.run import (check_resume_key, find_resume_checkpoint, resolve_device, restore_schedules, resume_key,
-                           seed_everything, write_arch, write_run_info)
+from mtrl_arch.run import restore_schedules
 from mtrl_arch.search import TrunkSpec, make_method
 from mtrl_arch.steps import search_step, weight_parameters, weight_step
 from mtrl_arch.tree import Tree
@@ -177,34 +175,14 @@ def _warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr)
 
 
-@contextlib.contextmanager
-def _graceful_stop(flag: dict, key: str = "stop"):
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint and returns.
-
-    Data-parallel runs set ``flag["signal"]`` instead: the ranks agree on ``stop`` at a step
-    boundary (:meth:`SupervisedRun._stop_now`), since a signal reaches them at different steps.
-    """
-    def handler(signum, frame):
-        flag[key] = signal.Signals(signum).name
-
-    try:
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread
-        old = {}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 class SupervisedRun:
-    """Owns one run's networks, optimiser, counters and data streams."""
+    """The learner (:mod:`mtrl_arch.loop`'s protocol): one run's networks, optimiser, counters and data streams."""
+    unit = "step"
+    eval_everywhere = True  # data-parallel: every rank evaluates every batch
 
-    def __init__(self, cfg: Config, adapter: Adapter, device: torch.device, run_dir: Path | None = None,
-                 logger: Logger | None = None, progress: bool = False):
-        self.cfg, self.adapter, self.device = cfg, adapter, device
-        self.run_dir, self.logger, self.progress = run_dir, logger, progress
+    def __init__(self, cfg: Config, adapter: Adapter, device: torch.device,
+                 on_arch: Callable[[Tree], None] | None = None):
+        self.cfg, self.adapter, self.device, self.on_arch = cfg, adapter, device, on_arch
         self.tasks = tuple(adapter.tasks)
         T = len(self.tasks)
         self.method = make_method(cfg.arch.method, adapter.spec, cfg.arch.options, cfg.seed, derive=cfg.arch)
@@ -232,7 +210,8 @@ class SupervisedRun:
         self.wall = 0.0
         self.last_eval: dict[str, float] = {}
         self.tree: Tree | None = None
-        self.stopped_by: str | None = None
+        self._it = self._val = None  # the open epoch's batch streams (None: start them at pos / val_pos)
+        self._t = time.perf_counter()
         self._build(search=self.searching)
         self.search_train, self.search_val = adapter.train, None
         if self.searching and self.method.arch_parameters():
@@ -263,7 +242,11 @@ class SupervisedRun:
             self.opt, list(self.cfg.train.lr_milestones), self.cfg.train.lr_gamma)
         self.fwd = _Forward(self.net, self.cfg.train.compile, self.cfg.train.compile_mode)
 
-    def _finish_search(self) -> None:
+    @property
+    def model(self) -> nn.Module:
+        return self.net
+
+    def finish_search(self) -> None:
         """Derive the tree, rebuild the network from it, record it."""
         old = self.net.state_dict()
         self.searching = False
@@ -274,14 +257,8 @@ class SupervisedRun:
         if self.cfg.arch.retrain == "continue":
             own = self.net.state_dict()
             self.net.load_state_dict({k: (old[k] if k in old and old[k].shape == v.shape else v) for k, v in own.items()})
-        self._on_arch()
-
-    def _on_arch(self) -> None:
-        if self.run_dir is not None:
-            write_arch(self.run_dir, {"trunk": self.tree})
-        if self.logger is not None:
-            self.logger.log_text("arch/trunk", self.tree.render())
-            self.logger.log(self.param_counts(), self.step)
+        if self.on_arch is not None:
+            self.on_arch(self.tree)
 
     def param_counts(self) -> dict[str, int]:
         if isinstance(self.net, Trunk):
@@ -295,12 +272,6 @@ class SupervisedRun:
     def _shard(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """A training batch on the device; data-parallel: this rank's slice of the global batch."""
         return self._to(distributed.shard_batch(batch, 0 if self.adapter.shared_input else 1))
-
-    def _stop_now(self, flag: dict) -> bool:
-        """Whether to stop after this step; data-parallel: the same answer on every rank."""
-        if distributed.active() and not flag.get("stop") and distributed.any_true(bool(flag.get("signal"))):
-            flag["stop"] = flag.get("signal") or "a signal to another rank"
-        return bool(flag.get("stop"))
 
     def _losses(self, net: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         x, aux = self.adapter.inputs(batch)
@@ -323,103 +294,80 @@ class SupervisedRun:
         self.wall += now - self._t
         self._t = now
 
-    # ---- the loop -----------------------------------------------------------------------------------
-    @property
-    def done(self) -> bool:
-        return not self.searching and self.epoch >= self.cfg.train.epochs and bool(self.last_eval)
+    # ---- the loop's protocol ------------------------------------------------------------------------------
+    def _n(self) -> int:
+        """Batches in the current epoch."""
+        bs, lim = self.cfg.train.batch_size, self.cfg.train.limit_batches
+        return (self.search_train if self.searching else self.adapter.train).n_batches(bs, lim)
 
-    def learn(self) -> None:
-        cfg = self.cfg
-        bs, lim = cfg.train.batch_size, cfg.train.limit_batches
-        total = self.step + max(0, self.search_steps - self.search_done if self.searching else 0) \
-            + max(0, cfg.train.epochs - self.epoch) * self.adapter.train.n_batches(bs, lim) - self.pos
-        bar = progress_bar(self.progress, total, self.step)
-        flag: dict = {}
+    def progress(self) -> int:
+        return self.step
+
+    def total(self) -> int:
+        n = self.adapter.train.n_batches(self.cfg.train.batch_size, self.cfg.train.limit_batches)
+        return self.step + max(0, self.search_steps - self.search_done if self.searching else 0) \
+            + max(0, self.cfg.train.epochs - self.epoch) * n - self.pos
+
+    def finished(self) -> bool:
+        E = self.cfg.train.epochs
+        return not self.searching and (self.epoch >= E or self.epoch + 1 == E and self.pos >= self._n())
+
+    def periods(self) -> int:
+        return (self.search_epoch if self.searching else self.epoch) + 1
+
+    def period_pending(self) -> bool:
+        if self.searching:
+            return self.pos >= self._n() or self.search_done >= self.search_steps
+        return self.epoch < self.cfg.train.epochs and self.pos >= self._n()
+
+    def search_over(self) -> bool:
+        return self.search_done >= self.search_steps
+
+    def cadence(self) -> Cadence:
+        every = self.cfg.train.checkpoint_every_epochs
+        if self.searching:
+            return Cadence(log=1, checkpoint=every)
+        return Cadence(log=1, eval=self.cfg.eval.every_epochs, checkpoint=every, eval_at_end=True)
+
+    def begin(self, budget: int | None = None) -> None:
         self._t = time.perf_counter()
         self.net.train()
-        with _graceful_stop(flag, "signal" if distributed.active() else "stop"), distributed.sync_other_optimizers():
-            if self.searching:
-                self._search(bs, lim, bar, flag)
-            if not self.searching and not flag.get("stop"):
-                self._retrain(bs, lim, bar, flag)
-            final = not flag.get("stop") and not self.last_eval  # e.g. train.epochs=0: evaluate what was derived
-            if final:
-                self._tick()
-                with contextlib.suppress(StopRequested):  # abandoned: saved below, a resumed run evaluates
-                    self._log(self.evaluate(flag))
-        if bar is not None:
-            bar.close()
-        self.stopped_by = flag.get("stop")
-        if self.stopped_by:
-            self._tick()
-            self.save()
-            if distributed.is_main():
-                print(f"stopped by {self.stopped_by}; resume with `mtrl-arch train --resume {self.run_dir}`", file=sys.stderr)
-        elif final:
-            self.save()
 
-    def _search(self, bs: int, lim: int, bar, flag: dict) -> None:
-        cfg = self.cfg
-        while self.searching:
-            n = self.search_train.n_batches(bs, lim)
-            val = self._val_batches(bs) if self.search_val is not None else None
-            for batch in self.search_train.batches(bs, True, cfg.seed, self.search_epoch, lim, self.pos,
-                                                   cfg.data.num_workers):
-                vb = next(val) if val is not None and self.method.phase(self.search_done).arch else None
-                out = search_step(self.method, self.net, self._shard(batch), vb, self._losses, self.combiner, self.opt,
-                                  self.search_done, cfg.train.grad_clip)
-                if "train_losses" in out:
-                    self.sums += out["train_losses"]
-                    self.count += 1
-                self.search_done += 1
-                self.step += 1
-                self.pos += 1
-                if bar is not None:
-                    bar.update(1)
-                if self.search_done >= self.search_steps or self._stop_now(flag):
-                    break
-            finished = self.search_done >= self.search_steps
-            if self.pos < n and not finished:
-                return  # stopped by a signal mid-epoch
+    def train_step(self) -> None:
+        """One batch: a search step while searching, else a weight step."""
+        cfg, bs, lim = self.cfg, self.cfg.train.batch_size, self.cfg.train.limit_batches
+        if self.searching:
+            if self._it is None:
+                self._it = iter(self.search_train.batches(bs, True, cfg.seed, self.search_epoch, lim, self.pos,
+                                                          cfg.data.num_workers))
+                self._val = self._val_batches(bs) if self.search_val is not None else None
+            batch = next(self._it)
+            vb = next(self._val) if self._val is not None and self.method.phase(self.search_done).arch else None
+            out = search_step(self.method, self.net, self._shard(batch), vb, self._losses, self.combiner, self.opt,
+                              self.search_done, cfg.train.grad_clip)
+            if "train_losses" in out:
+                self.sums += out["train_losses"]
+                self.count += 1
+            self.search_done += 1
+        else:
+            if self._it is None:
+                self._it = iter(self.adapter.train.batches(bs, True, cfg.seed + 2, self.epoch, lim, self.pos,
+                                                           cfg.data.num_workers))
+            self.sums += weight_step(self.net, self._shard(next(self._it)), self._losses, self.combiner, self.opt,
+                                     self.step, cfg.train.grad_clip)
+            self.count += 1
+        self.step += 1
+        self.pos += 1
+
+    def end_period(self, evaluation: dict, log: bool, keep: bool) -> dict[str, Any]:
+        """The epoch's line; a retrain epoch also steps the learning rate (after its evaluation, which a stop may
+        abandon: the checkpoint then holds the state after the epoch's last step)."""
+        self._it = self._val = None
+        if self.searching:
             self.search_epoch += 1
             self._tick()
-            self._log(self._epoch_record("search"))
-            self.pos = self.val_pos = 0
-            if finished:
-                self._finish_search()
-            every = cfg.train.checkpoint_every_epochs
-            if finished or (every and self.search_epoch % every == 0):
-                self.save()
-            if flag.get("stop"):
-                return
-
-    def _retrain(self, bs: int, lim: int, bar, flag: dict) -> None:
-        cfg = self.cfg
-        while self.epoch < cfg.train.epochs:
-            n = self.adapter.train.n_batches(bs, lim)
-            for batch in self.adapter.train.batches(bs, True, cfg.seed + 2, self.epoch, lim, self.pos,
-                                                    cfg.data.num_workers):
-                self.sums += weight_step(self.net, self._shard(batch), self._losses, self.combiner, self.opt, self.step,
-                                         cfg.train.grad_clip)
-                self.count += 1
-                self.step += 1
-                self.pos += 1
-                if bar is not None:
-                    bar.update(1)
-                if self._stop_now(flag):
-                    break
-            if self.pos < n:
-                return  # stopped by a signal mid-epoch
-            last = self.epoch + 1 == cfg.train.epochs
-            ev: dict[str, float] = {}
-            if last or (cfg.eval.every_epochs and (self.epoch + 1) % cfg.eval.every_epochs == 0):
-                # evaluated before the epoch ends (counter, loss record, DWA, lr step): a stop abandons the
-                # evaluation and leaves the state after the epoch's last step, which learn() saves
-                self._epoch_mean("train")  # a diverged epoch stops here, not after evaluating NaNs
-                try:
-                    ev = self.evaluate(flag)
-                except StopRequested:
-                    return
+            rec = self._epoch_record("search")
+        else:
             self.epoch += 1
             rec = self._epoch_record("train")
             # a run resumed after a stop in the evaluation ends the epoch before this process's first optimiser
@@ -427,16 +375,13 @@ class SupervisedRun:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
                 self.sched.step()
-            rec.update(ev)
             self._tick()
             rec["time/wall_s"] = self.wall
-            self._log(rec)
-            self.pos = 0
-            every = cfg.train.checkpoint_every_epochs
-            if last or (every and self.epoch % every == 0):
-                self.save()
-            if flag.get("stop"):
-                return
+        self.pos = self.val_pos = 0
+        return rec
+
+    def finite(self) -> None:
+        self._epoch_mean("search" if self.searching else "train")
 
     def _epoch_mean(self, phase: str) -> Tensor:
         """The epoch's mean per-task losses; NonFiniteError (CLI exit 3) when one is not finite."""
@@ -466,16 +411,11 @@ class SupervisedRun:
         self.count = 0
         return rec
 
-    def _log(self, rec: dict[str, Any]) -> None:
-        if self.logger is not None:
-            self.logger.log(rec, self.step)
-
     # ---- evaluation -------------------------------------------------------------------------------------
     @torch.no_grad()
-    @rng_preserved()  # the training's random streams go on as if no evaluation ran (see rng_preserved)
-    def evaluate(self, stop: dict | None = None) -> dict[str, float]:
-        """Metrics on the validation and test splits. With the loop's stop flag, a stop request
-        (SIGINT/SIGTERM) abandons it before the next batch with :class:`StopRequested`."""
+    def evaluate(self, stop: Callable[[], None] | None = None, final: bool = False) -> dict[str, float]:
+        """Metrics on the validation and test splits; ``stop()`` before each batch (the loop's: a stop request
+        abandons the evaluation with :class:`~mtrl_arch.checkpoint.StopRequested`)."""
         cfg, a = self.cfg, self.adapter
         bs = cfg.eval.batch_size or cfg.train.batch_size
         was = self.net.training
@@ -489,8 +429,8 @@ class SupervisedRun:
                     continue
                 acc = a.metrics()
                 for batch in data.batches(bs, False, 0, 0, cfg.eval.limit_batches, 0, cfg.data.num_workers):
-                    if stop is not None and self._stop_now(stop):  # data-parallel: every rank evaluates every batch
-                        raise StopRequested
+                    if stop is not None:  # data-parallel: every rank evaluates every batch, so they agree here
+                        stop()
                     batch = self._to(batch)
                     x, aux = a.inputs(batch)
                     with self._amp():
@@ -515,6 +455,9 @@ class SupervisedRun:
 
     # ---- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Called on every rank (BatchNorm statistics are averaged over them first)."""
+        distributed.average_buffers(self.net)
+        self._tick()
         return {"format": RUN_FORMAT, "version": 1, "searching": self.searching,
                 "tree": None if self.tree is None else self.tree.to_dict(),
                 "step": self.step, "search_done": self.search_done, "search_epoch": self.search_epoch,
@@ -523,42 +466,29 @@ class SupervisedRun:
                 "net": self.net.state_dict(), "opt": self.opt.state_dict(),
                 "sched": None if self.sched is None else self.sched.state_dict(),
                 "method": self.method.state_dict() if self.searching else None,
-                "combiner": self.combiner.state_dict(), "rng": rng_state(), "meta": resume_key(self.cfg)}
+                "combiner": self.combiner.state_dict(), "rng": rng_state()}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if d.get("format") != RUN_FORMAT:
             raise ConfigError("the checkpoint is not a supervised run's; resume it with the command that made it")
-        where = f"the checkpoint at step {d['step']}"
-        check_resume_key(d.get("meta"), self.cfg, where)  # every rank checks: all of them stop
-        try:
-            if not d["searching"] and (self.searching or self.tree is None or self.tree.to_dict() != d["tree"]):
-                self.searching = False
-                self._build(False, Tree.from_dict(d["tree"]))
-            self.net.load_state_dict(d["net"])
-            self.opt.load_state_dict(d["opt"])
-            if self.sched is not None and d["sched"] is not None:
-                self.sched.load_state_dict(d["sched"])
-            if self.searching and d["method"] is not None:
-                self.method.load_state_dict(d["method"])
-            self.combiner.load_state_dict(d["combiner"])
-        except (KeyError, RuntimeError, ValueError) as e:  # shapes/keys of another config or version
-            raise ConfigError(f"{where} does not fit this config or "
-                              f"mtrl-arch version ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        if not d["searching"] and (self.searching or self.tree is None or self.tree.to_dict() != d["tree"]):
+            self.searching = False
+            self._build(False, Tree.from_dict(d["tree"]))
+        self.net.load_state_dict(d["net"])
+        self.opt.load_state_dict(d["opt"])
+        if self.sched is not None and d["sched"] is not None:
+            self.sched.load_state_dict(d["sched"])
+        if self.searching and d["method"] is not None:
+            self.method.load_state_dict(d["method"])
+        self.combiner.load_state_dict(d["combiner"])
         if self.searching:  # methods' schedules count search steps (see mtrl_arch.run.restore_schedules)
             restore_schedules((self.method,), d["search_done"])
         for k in ("step", "search_done", "search_epoch", "epoch", "pos", "val_pos", "count", "wall"):
             setattr(self, k, d[k])
         self.sums = d["sums"].to(self.device)
         self.last_eval = dict(d["last_eval"])
+        self._it = self._val = None
         set_rng_state(d["rng"])
-
-    def save(self) -> None:
-        distributed.average_buffers(self.net)  # every rank calls save(); only rank 0 has a run_dir
-        if self.run_dir is not None:
-            if self.logger is not None:
-                self.logger.flush()
-            save_checkpoint(self.run_dir / "checkpoints", self.step, self.state_dict(), self.cfg.train.keep_checkpoints,
-                            meta=resume_key(self.cfg))
 
     def save_model(self, path: Path) -> None:
         torch.save({"format": MODEL_FORMAT, "version": 1, "config": self.cfg.to_dict(), "tasks": list(self.tasks),
@@ -571,63 +501,3 @@ class SupervisedRun:
         self.searching = False
         self._build(False, Tree.from_dict(d["tree"]))
         self.net.load_state_dict(d["net"])
-
-
-AdapterFactory = Callable[[Config], Adapter]
-
-
-def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
-                     make_adapter: AdapterFactory | None = None) -> dict[str, Any]:
-    """Search (if the method searches), derive, retrain and evaluate; see the module docstring."""
-    if make_adapter is None:
-        raise ValueError("train_supervised needs make_adapter (mtrl_arch.build passes mtrl_arch.envs.supervised.make_adapter)")
-    check_loop_config(cfg)
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
-    adapter = make_adapter(cfg)  # bad config or missing data fail here, before anything is written
-    # data-parallel (torchrun): every rank trains, rank 0 alone reads and writes the run directory
-    main = distributed.is_main()
-    found = find_resume_checkpoint(run_dir) if resume and main else None
-    if resume and distributed.active():
-        found = distributed.broadcast_object(found)
-    if distributed.active() and cfg.train.batch_size % distributed.world_size() and main:
-        _warn(f"train.batch_size={cfg.train.batch_size} does not divide by {distributed.world_size()} processes: "
-              "each batch is padded with its first examples (as DistributedSampler)")
-    if not resume and main:
-        extra = {"world_size": distributed.world_size()} if distributed.active() else {}
-        write_run_info(run_dir, cfg, {"data": adapter.info, **extra})
-    logger = Logger(run_dir, cfg.wandb, {**cfg.to_dict(), "data_info": adapter.info}, run_dir.name,
-                    resume_step=found[0] if found else (-1 if resume else None)) if main else None  # -1: restart
-    run = SupervisedRun(cfg, adapter, device, run_dir if main else None, logger, progress and main)
-    if found is not None:
-        run.load_state_dict(found[1])
-        if main:
-            print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at step {run.step}", file=sys.stderr)
-    elif run.searching:
-        if logger is not None:
-            logger.log(run.param_counts(), 0)
-    else:
-        run._on_arch()
-    run.learn()
-    if run.done and main:
-        run.save_model(run_dir / "model.pt")
-        logger.summary({**run.last_eval, **run.param_counts(), "time/wall_s": run.wall})
-    if logger is not None:
-        logger.close()
-    return {**run.last_eval, **run.param_counts(), "time/wall_s": run.wall}
-
-
-def eval_supervised(cfg: Config, run_dir: Path, make_adapter: AdapterFactory | None = None) -> dict[str, Any]:
-    """Evaluate a run's final model (``model.pt``) or, failing that, its latest checkpoint."""
-    if make_adapter is None:
-        raise ValueError("eval_supervised needs make_adapter (mtrl_arch.build passes mtrl_arch.envs.supervised.make_adapter)")
-    run = SupervisedRun(cfg, make_adapter(cfg), resolve_device(cfg.device))
-    model = run_dir / "model.pt"
-    if model.is_file():
-        run.load_model(model)
-    else:
-        found = load_latest(run_dir / "checkpoints")
-        if found is None:
-            raise ConfigError(f"{run_dir} has neither model.pt nor a readable checkpoint to evaluate")
-        run.load_state_dict(found[1])
-    return {**run.evaluate(), **run.param_counts()}

@@ -14,12 +14,13 @@ from typing import Any
 from .checkpoint import load_latest
 from .config import Config, ConfigError, config_from_dict
 from .logger import Logger
-from .run import find_resume_checkpoint, resolve_device, seed_everything, write_arch, write_run_info
+from .run import resolve_device, seed_everything, write_arch, write_run_info
 
 
 def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     from . import distributed
     from .agents.rl_loop import RLRun, shared_state
+    from .loop import Run, find_resume
     from .agents.sac import MTSAC
     from .envs.metaworld import MetaWorldMT, evaluate, resolve_tasks
 
@@ -33,10 +34,7 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
         return _train_sb3_stl(cfg, run_dir, tasks, device, resume, progress)
     # data-parallel (torchrun): every rank trains on its own envs, rank 0 alone reads and writes the run directory
     main = distributed.is_main()
-    found = find_resume_checkpoint(run_dir) if resume and main else None
-    if resume and distributed.active():  # rank 0's checkpoint, less what only rank 0 can use (replay, episode, RNG)
-        shared = distributed.broadcast_object(None if found is None else (found[0], shared_state(found[1])))
-        found = found if main else shared
+    found = find_resume(run_dir, lambda d: shared_state(d, MTSAC.RANK_LOCAL)) if resume else None
     # the same goals on every rank (env seed = run seed); each rank's episodes are seeded by RLRun
     env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, vector=cfg.env.vector,
                       max_episode_steps=cfg.env.max_episode_steps or None, reward_version=cfg.env.reward_version)
@@ -56,16 +54,17 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
             for k, t in trees.items():
                 logger.log_text(f"arch/{k}", t.render())
             logger.log({f"params/{n}/{k}": v for n, c in agent.param_counts().items() for k, v in c.items()},
-                       run.num_timesteps)
+                       learner.num_timesteps)
 
         evaluate_fn = lambda policy, k: evaluate(policy, cfg.env.name, tasks, cfg.seed, k,  # noqa: E731
                                                  env.max_episode_steps, env.benchmark_obj, env.reward_version)
-        run = RLRun(agent, env, logger, run_dir if main else None, on_arch if main else None, progress and main,
-                    evaluate_fn if main else None)
+        learner = RLRun(agent, env, on_arch if main else None, evaluate_fn if main else None)
+        run = Run(learner, cfg, run_dir if main else None, logger, progress and main)
+        agent._run = run  # SB3's verbs on the agent (num_timesteps, logger) read the run
         if found is not None:
-            run.load_state_dict(found[1])
+            run.restore(found)
             if main:
-                print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at env step {run.num_timesteps}",
+                print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at env step {learner.num_timesteps}",
                       file=sys.stderr)
         elif not agent.searching and main:
             on_arch(agent.trees)  # logs the parameter counts too
@@ -73,12 +72,12 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
             logger.log({f"params/{n}/{k}": v for n, c in agent.param_counts().items() for k, v in c.items()}, 0)
         with run.signals():  # SIGINT/SIGTERM: checkpoint, flush, return (exit 0)
             run.learn(cfg.train.total_env_steps)
-            final = run.final_evaluate(cfg.eval.final_episodes_per_task or None) if main else None
+            final = run.final_evaluate() if main else None
         if final is not None:  # finished (not stopped): the final model, written atomically
             logger.summary(final)
             agent.save(str(run_dir / "model.pt.tmp"))
             os.replace(run_dir / "model.pt.tmp", run_dir / "model.pt")
-        return dict(run.last_eval)
+        return dict(learner.last_eval)
     finally:
         if logger is not None:
             logger.close()
@@ -129,6 +128,80 @@ def eval_rl(run_dir: Path, episodes: int | None, cfg: Config) -> dict[str, Any]:
             "episodes_per_task": res["episodes_per_task"]}
 
 
+def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+                     make_adapter: Any = None) -> dict[str, Any]:
+    """Search (if the method searches), derive, retrain and evaluate (see :mod:`mtrl_arch.agents.supervised`)."""
+    from . import distributed
+    from .agents.supervised import SupervisedRun, check_loop_config
+    from .loop import Run, find_resume
+
+    if make_adapter is None:
+        from .envs.supervised import make_adapter
+    check_loop_config(cfg)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    adapter = make_adapter(cfg)  # bad config or missing data fail here, before anything is written
+    # data-parallel (torchrun): every rank trains, rank 0 alone reads and writes the run directory
+    main = distributed.is_main()
+    found = find_resume(run_dir) if resume else None
+    if distributed.active() and cfg.train.batch_size % distributed.world_size() and main:
+        print(f"warning: train.batch_size={cfg.train.batch_size} does not divide by {distributed.world_size()} "
+              "processes: each batch is padded with its first examples (as DistributedSampler)", file=sys.stderr)
+    if not resume and main:
+        extra = {"world_size": distributed.world_size()} if distributed.active() else {}
+        write_run_info(run_dir, cfg, {"data": adapter.info, **extra})
+    logger = Logger(run_dir, cfg.wandb, {**cfg.to_dict(), "data_info": adapter.info}, run_dir.name,
+                    resume_step=found[0] if found else (-1 if resume else None)) if main else None  # -1: restart
+
+    def on_arch(tree):
+        write_arch(run_dir, {"trunk": tree})
+        logger.log_text("arch/trunk", tree.render())
+        logger.log(learner.param_counts(), learner.step)
+
+    learner = SupervisedRun(cfg, adapter, device, on_arch if main else None)
+    run = Run(learner, cfg, run_dir if main else None, logger, progress and main)
+    try:
+        if found is not None:
+            run.restore(found)
+            if main:
+                print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at step {learner.step}", file=sys.stderr)
+        elif learner.searching:
+            if logger is not None:
+                logger.log(learner.param_counts(), 0)
+        elif main:
+            on_arch(learner.tree)
+        with run.signals():
+            run.learn()
+            if not run.stopped_by and not learner.last_eval:  # e.g. train.epochs=0: evaluate what was derived
+                run.final_evaluate()
+        out = {**learner.last_eval, **learner.param_counts(), "time/wall_s": learner.wall}
+        if not run.stopped_by and main:
+            learner.save_model(run_dir / "model.pt")
+            logger.summary(out)
+        return out
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def eval_supervised(cfg: Config, run_dir: Path, make_adapter: Any = None) -> dict[str, Any]:
+    """Evaluate a run's final model (``model.pt``) or, failing that, its latest checkpoint."""
+    from .agents.supervised import SupervisedRun
+
+    if make_adapter is None:
+        from .envs.supervised import make_adapter
+    run = SupervisedRun(cfg, make_adapter(cfg), resolve_device(cfg.device))
+    model = run_dir / "model.pt"
+    if model.is_file():
+        run.load_model(model)
+    else:
+        found = load_latest(run_dir / "checkpoints")
+        if found is None:
+            raise ConfigError(f"{run_dir} has neither model.pt nor a readable checkpoint to evaluate")
+        run.load_state_dict(found[1])
+    return {**run.evaluate(), **run.param_counts()}
+
+
 def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     if cfg.train.threads:
         import torch
@@ -136,19 +209,13 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
         torch.set_num_threads(cfg.train.threads)
     if cfg.domain == "rl":
         return train_rl(cfg, run_dir, resume, progress)
-    from .agents.supervised import train_supervised
-    from .envs.supervised import make_adapter
-
-    return train_supervised(cfg, run_dir, resume, progress, make_adapter)
+    return train_supervised(cfg, run_dir, resume, progress)
 
 
 def evaluate_run(cfg: Config, run_dir: Path, episodes: int | None) -> dict[str, Any]:
     if cfg.domain == "rl":
         return eval_rl(run_dir, episodes, cfg)
-    from .agents.supervised import eval_supervised
-    from .envs.supervised import make_adapter
-
-    return eval_supervised(cfg, run_dir, make_adapter)
+    return eval_supervised(cfg, run_dir)
 
 
 def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str]:

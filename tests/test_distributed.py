@@ -138,24 +138,24 @@ SAC = ["mt10_conal", "arch.conflict_noticed=false", "env.tasks=[reach-v3,push-v3
        "eval.final_episodes_per_task=1", "train.log_every=100", "train.checkpoint_every_env_steps=200", "device=cpu",
        "wandb.mode=disabled", "train.threads=1"]
 
-# each rank, after RLRun.learn: a hash of its parameters and of its replay, written to the folder REPORT
+# each rank, after the loop's learn: a hash of its parameters and of its replay, written to the folder REPORT
 _REPORTER = """\
 import hashlib, json, os, sys
 REPORT = None
-from mtrl_arch.agents.rl_loop import RLRun
+from mtrl_arch.loop import Run
 from mtrl_arch.cli import main
-learn = RLRun.learn
+learn = Run.learn
 def h(ts):
     return hashlib.sha256(b"".join(t.detach().cpu().contiguous().numpy().tobytes() for t in ts)).hexdigest()
 def learn_and_report(self, *a, **k):
     learn(self, *a, **k)
-    g = self.agent
+    g = self.learner.agent
     out = {"params": h([*g.actor.state_dict().values(), *g.critic.state_dict().values(),
                         *g.critic_target.state_dict().values(), g.log_alpha]),
            "replay": h([g.replay.storage[:, :g.replay.size]]), "n_updates": g.n_updates}
-    with open(os.path.join(REPORT, f"rank{os.environ['RANK']}-{self.num_timesteps}.json"), "w") as f:
+    with open(os.path.join(REPORT, f"rank{os.environ['RANK']}-{self.learner.num_timesteps}.json"), "w") as f:
         json.dump(out, f)
-RLRun.learn = learn_and_report
+Run.learn = learn_and_report
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -215,9 +215,9 @@ def test_mtsac_a_rank_failing_mid_training_stops_the_job(tmp_path):
         "from mtrl_arch.cli import main\n"
         "if os.environ.get('RANK') == '1':\n"
         "    from mtrl_arch.agents.rl_loop import RLRun, NonFiniteError\n"
-        "    def diverge(self, rates, keep=False):\n"
+        "    def diverge(self, evaluation, log, keep):\n"
         "        raise NonFiniteError('non-finite critic_loss (task push-v3) at env step 100')\n"
-        "    RLRun._log_train = diverge\n"
+        "    RLRun.end_period = diverge\n"
         "sys.exit(main(sys.argv[1:]))\n")
     run = tmp_path / "run"
     p = _torchrun(["train", *SAC, "arch.method=hps", "arch.search_steps=0", "train.total_env_steps=400",

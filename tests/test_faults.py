@@ -352,7 +352,7 @@ def test_full_disk_during_training_exits_4(bench, tmp_path, monkeypatch, capsys,
             monkeypatch.setattr(C, "open", _full_disk_open(room=50_000), raising=False)
         return real_save(folder, step, state, keep, meta)
 
-    monkeypatch.setattr("mtrl_arch.agents.rl_loop.save_checkpoint", save_then_fill)
+    monkeypatch.setattr("mtrl_arch.loop.save_checkpoint", save_then_fill)
     assert main(train_args(d)) == 4
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: could not write checkpoint") and "No space left on device" in err[-1]

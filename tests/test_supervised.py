@@ -151,7 +151,7 @@ def test_resume_continues_exactly(tmp_path, cache):
 
 def test_resume_mid_search_after_signal(tmp_path, cache):
     """SIGINT in the middle of a CoNAL search epoch saves a checkpoint; resuming gives the uninterrupted result."""
-    from mtrl_arch.agents.supervised import train_supervised
+    from mtrl_arch.build import train_supervised
     from mtrl_arch.envs.supervised import make_adapter
 
     over = _multi(cache, "arch.search_steps=5", "train.epochs=1", "arch.conflict_noticed=true")
@@ -259,7 +259,7 @@ def test_diverging_run_exits_3_with_one_line(tmp_path, cache):
 def test_limit_batches_caps_the_search_and_eval_limit_batches_the_evaluation(tmp_path, cache):
     """``train.limit_batches=5`` makes a CoNAL search 5 steps (and the retrain epoch 5 batches);
     ``eval.limit_batches=2`` evaluates 2 batches of each split."""
-    from mtrl_arch.agents.supervised import train_supervised
+    from mtrl_arch.build import train_supervised
     from mtrl_arch.envs.supervised import make_adapter
 
     seen: list[_CountingMetrics] = []
@@ -385,7 +385,7 @@ def test_scheduled_search_stopped_and_resumed_is_exact(tmp_path, cache, method):
     """SIGINT in the middle of an LTB / AdaShare search, then a resume: the schedules in force at the stop
     (not the build-time ones) drive the next step, and the run ends with the uninterrupted run's log,
     evaluation, architecture and model."""
-    from mtrl_arch.agents.supervised import train_supervised
+    from mtrl_arch.build import train_supervised
     from mtrl_arch.envs.supervised import make_adapter
 
     over = _multi(cache, "arch.search_steps=5", "train.limit_batches=5", "train.epochs=1", *SCHEDULED[method])

@@ -1,0 +1,328 @@
+"""One training loop for every domain: the learner steps, the loop owns when things happen.
+
+A :class:`Run` drives a *learner* (:class:`Learner`, duck-typed: the RL run around MT-SAC in
+:mod:`mtrl_arch.agents.rl_loop`, the supervised run in :mod:`mtrl_arch.agents.supervised`, the
+tiny regression in ``tests/test_loop.py``) and owns everything the domains share: the cadence of
+log lines, evaluations and checkpoints, SIGINT/SIGTERM, the non-finite check before every
+checkpoint, resume (:func:`find_resume` + the config key check + restore), the data-parallel stop
+agreement, the progress bar, callbacks and the search -> derive -> retrain switch. It never names a
+domain or a method.
+
+Units. ``progress()`` counts the learner's own unit (``unit``: env steps, optimisation steps): the
+x axis of the log and the step of a checkpoint. Cadence counts *periods*: a run of ``train_step()``
+calls that ends at a boundary the learner chooses (RL: one vector step of every task's env;
+supervised: an epoch, or the search's last step). ``cadence()`` gives how many periods apart lines,
+evaluations and checkpoints are; the last period of the budget always logs and checkpoints (and
+evaluates where ``eval_at_end``), the end of the search always checkpoints.
+
+A period ends in this order: evaluation (when due) -> the period's line (the learner closes its
+window, the evaluation's results are merged in) -> the search ends (``search_over()``:
+``finish_search()``, derive and rebuild) -> checkpoint (when due) -> the stop agreement. A stop
+request during the evaluation abandons it (:class:`~mtrl_arch.checkpoint.StopRequested` from the
+``stop`` callable the loop hands in) and leaves the period open: the checkpoint holds the state
+after the period's last step and ``period_pending()`` makes a resumed run end that period again,
+evaluation included, as an uninterrupted run does. Evaluations run inside ``rng_preserved`` so they
+never move the training's random streams.
+
+The learner provides::
+
+    unit: str; searching: bool; last_eval: dict; model        # what callbacks receive (SB3's `model`)
+    eval_everywhere: bool          # every data-parallel rank evaluates (so an evaluation can be abandoned by agreement)
+    begin(budget) / progress() / total() / finished()          # budget in units (None: the config's)
+    train_step()                   # one step: the unit of stopping
+    period_pending() / periods() / cadence() -> Cadence
+    end_period(evaluation, log, keep) -> dict                  # close the period; the line to log ({} for none)
+    search_over() / finish_search()
+    evaluate(stop, final) -> dict  # ``stop()`` raises StopRequested between batches/steps
+    finite()                       # NonFiniteError naming the first bad loss or parameter (checked before
+                                   # every line and checkpoint; the loop adds where the last good checkpoint is)
+    state_dict() / load_state_dict(d)                          # state_dict: called on every rank
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import distributed
+from .checkpoint import NonFiniteError, StopRequested, list_steps, rng_preserved, save_checkpoint
+from .config import Config, ConfigError
+from .logger import progress_bar
+from .run import check_resume_key, find_resume_checkpoint, resume_key
+
+
+@dataclass
+class Cadence:
+    """Periods between log lines, evaluations and checkpoints (0: never, except where the loop always does)."""
+    log: int = 1
+    eval: int = 0
+    checkpoint: int = 0
+    eval_at_end: bool = False  # the budget's last period evaluates (RL evaluates after it: Run.final_evaluate)
+
+
+@contextmanager
+def graceful_stop(flag: dict):
+    """SIGINT/SIGTERM set ``flag["stop"]``; the loop saves, flushes and returns. A second signal while
+    stopping raises KeyboardInterrupt (checkpoints are atomic, so that leaves the previous ones intact).
+    Outside the main thread (no signals there) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if flag.get("stop"):
+            raise KeyboardInterrupt
+        flag["stop"] = signal.Signals(signum).name
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def find_resume(run_dir: Path, shared: Callable[[dict], dict] = lambda d: d) -> tuple[int, dict] | None:
+    """The checkpoint ``train --resume`` continues from (:func:`~mtrl_arch.run.find_resume_checkpoint`): rank 0
+    reads it, every other rank of a data-parallel run receives ``shared(state)`` (what is not rank 0's alone)."""
+    main = distributed.is_main()
+    found = find_resume_checkpoint(run_dir) if main else None
+    if distributed.active():
+        got = distributed.broadcast_object(None if found is None else (found[0], shared(found[1])))
+        found = found if main else got
+    return found
+
+
+class Run:
+    def __init__(self, learner: Any, cfg: Config, run_dir: Path | None = None, logger: Any = None,
+                 progress: bool = False):
+        self.learner, self.cfg, self.run_dir, self.logger, self.progress = learner, cfg, run_dir, logger, progress
+        self.flag: dict = {}            # set by SIGINT/SIGTERM (graceful_stop)
+        self.stopped_by: str | None = None
+        self.final_eval_done = False
+        self._saved_at = -1
+        self._signals_on = False
+
+    # ---- stopping ------------------------------------------------------------------------------------------
+    @contextmanager
+    def signals(self):
+        """SIGINT/SIGTERM request a graceful stop while inside; nests."""
+        if self._signals_on:
+            yield
+            return
+        self._signals_on = True
+        try:
+            with graceful_stop(self.flag):
+                yield
+        finally:
+            self._signals_on = False
+
+    def _stop_now(self, local: bool = False) -> bool:
+        """Whether to stop here; data-parallel: the same answer on every rank (a signal reaches them at
+        different steps), so every rank must call it at the same point."""
+        mine = local or bool(self.flag.get("stop"))
+        if distributed.active() and distributed.any_true(mine) and not mine:
+            self.stopped_by = self.stopped_by or "a stop on another rank"
+            return True
+        return mine
+
+    def _stopper(self, agreed: bool) -> Callable[[], None]:
+        def stop() -> None:
+            if self._stop_now() if agreed else self.flag.get("stop"):
+                raise StopRequested
+        return stop
+
+    def _report_stop(self) -> None:
+        if distributed.is_main():
+            where = f"; checkpoint saved, continue with `mtrl-arch train --resume {self.run_dir}`" if self.run_dir else ""
+            print(f"stopped by {self.stopped_by} at {self.learner.unit.replace('-', ' ')} {self.learner.progress()}{where}", file=sys.stderr)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def kept(self) -> str:
+        """Where the last good checkpoint is, for a NonFiniteError's message."""
+        if self.run_dir is None:
+            return "no checkpoint directory"
+        steps = list_steps(self.run_dir / "checkpoints")
+        return f"last good checkpoint kept: {self.run_dir / 'checkpoints' / f'ckpt-{steps[-1]}.pt'}" if steps \
+            else "no checkpoint was written yet"
+
+    def state_dict(self) -> dict:
+        pos = self.logger.position() if self.logger is not None and hasattr(self.logger, "position") else None
+        return {**self.learner.state_dict(), "final_eval_done": self.final_eval_done, "logger_pos": pos,
+                "meta": resume_key(self.cfg)}
+
+    def save(self) -> None:
+        """Checkpoint now; refused with NonFiniteError when a loss or parameter is not finite."""
+        L = self.learner
+        L.finite()
+        state = self.state_dict()  # on every rank: a learner may agree on its state (e.g. BatchNorm statistics)
+        if self.run_dir is not None:
+            save_checkpoint(self.run_dir / "checkpoints", L.progress(), state, self.cfg.train.keep_checkpoints,
+                            meta={**resume_key(self.cfg), L.unit.replace("-", "_"): L.progress()})
+        self._saved_at = L.progress()
+
+    def restore(self, found: tuple[int, dict]) -> None:
+        """Continue from a checkpoint ``(step, state)`` (:func:`find_resume`); ConfigError when it does not fit."""
+        step, d = found
+        where = f"the checkpoint at {self.learner.unit.replace('-', ' ')} {step}"
+        check_resume_key(d.get("meta"), self.cfg, where)  # every rank checks: all of them stop
+        try:
+            self.learner.load_state_dict(d)
+        except ConfigError:
+            raise
+        except (KeyError, RuntimeError, ValueError) as e:  # shapes/keys of another config or version
+            raise ConfigError(f"{where} does not fit this config or "
+                              f"mtrl-arch version ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+        self.final_eval_done = d.get("final_eval_done", False)
+        if self.logger is not None and d.get("logger_pos") is not None and hasattr(self.logger, "rewind"):
+            self.logger.rewind(d["logger_pos"])  # lines logged after the checkpoint are logged again
+        self._saved_at = self.learner.progress()
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def learn(self, budget: int | None = None, callback: Any = None) -> None:
+        """Train until the budget (in the learner's unit; None: the config's) or a stop; checkpoint at the end."""
+        try:
+            self._learn(budget, callback)
+        except NonFiniteError as e:  # the learner names the bad value; the loop knows what it kept
+            if "checkpoint" in str(e):
+                raise
+            raise NonFiniteError(f"{e}; {self.kept()}") from None
+
+    def _learn(self, budget: int | None, callback: Any) -> None:
+        L = self.learner
+        L.begin(budget)
+        if not L.finished():  # e.g. a finished run resumed with a larger budget
+            self.final_eval_done = False
+        cb = as_callback(callback, L.model)
+        cb.on_training_start({}, {})
+        bar = progress_bar(self.progress, L.total(), L.progress(), L.unit)
+        shown = L.progress()
+        with self.signals(), distributed.sync_other_optimizers():
+            while True:
+                if L.period_pending():
+                    if not self._end_period(bar):
+                        break  # a stop abandoned the evaluation: the period stays open
+                elif L.finished():
+                    break
+                else:
+                    L.train_step()
+                    if bar is not None:
+                        bar.update(L.progress() - shown)
+                        shown = L.progress()
+                    if L.period_pending() and not self._end_period(bar):
+                        break
+                if self._stop_now(not cb.on_step()):
+                    break
+        if bar is not None:
+            bar.close()
+        cb.on_training_end()
+        self.stopped_by = self.flag.get("stop") or self.stopped_by
+        if self._saved_at != L.progress():  # at the end of training, and on a stop
+            self.save()
+        if self.logger is not None:
+            self.logger.flush()
+        if self.stopped_by:
+            self._report_stop()
+
+    def _end_period(self, bar) -> bool:
+        """Evaluate, log, switch phase, checkpoint (see the module docstring); False when a stop abandoned it."""
+        L, every = self.learner, self.learner.cadence()
+        p, last = L.periods(), L.finished()
+        due = lambda n: bool(n) and p % n == 0  # noqa: E731
+        regular = due(every.log)
+        if regular or last:
+            L.finite()  # names the exact step and loss before the window holding it closes, or is evaluated
+        ev: dict = {}
+        if due(every.eval) and not last or last and every.eval_at_end:
+            try:
+                ev = self._evaluate(interruptible=distributed.world_size() == 1 or L.eval_everywhere)
+            except StopRequested:
+                self.stopped_by = self.flag.get("stop") or self.stopped_by
+                return False
+        rec = L.end_period(ev, log=regular or last, keep=last and not regular)
+        rec = {**rec, **ev}
+        if rec and self.logger is not None:
+            self.logger.log(rec, L.progress())
+        if bar is not None and hasattr(L, "postfix") and rec:
+            bar.set_postfix(L.postfix(rec))
+        switched = L.searching and L.search_over()
+        if switched:
+            L.finish_search()
+        if switched or last or due(every.checkpoint):
+            self.save()
+        return True
+
+    def _evaluate(self, interruptible: bool, final: bool = False) -> dict:
+        # a stop is agreed between the ranks when every rank evaluates; otherwise rank 0 alone checks its flag
+        stop = self._stopper(agreed=self.learner.eval_everywhere) if interruptible else None
+        with rng_preserved():  # the training's random streams go on as if no evaluation ran
+            return self.learner.evaluate(stop, final)
+
+    def final_evaluate(self) -> dict | None:
+        """The final evaluation, logged, then a checkpoint recording it; None when stopped.
+
+        A stop request during it ends it at once; the checkpoint from the end of :meth:`learn` stands and a
+        resumed run evaluates again.
+        """
+        if self.stopped_by:
+            return None
+        if self.final_eval_done:
+            return self.learner.last_eval
+        with self.signals():
+            try:
+                out = self._evaluate(interruptible=True, final=True)
+            except StopRequested:
+                self.stopped_by = self.flag.get("stop") or "a stop on another rank"
+                self._report_stop()
+                return None
+            if self.logger is not None:
+                self.logger.log(out, self.learner.progress())
+            self.final_eval_done = True
+            self.save()
+        return out
+
+
+# ---- callbacks: None, a function ``f(model) -> bool`` (False stops), a stable-baselines3 BaseCallback, or a list ----
+class _Callbacks:
+    def __init__(self, cbs: list, model: Any):
+        self.cbs = [c if hasattr(c, "init_callback") else _Fn(c, model) for c in cbs]
+        for c in self.cbs:
+            if not isinstance(c, _Fn):
+                c.init_callback(model)  # SB3's: the callback reads model.num_timesteps, model.logger
+
+    def on_training_start(self, *a) -> None:
+        for c in self.cbs:
+            c.on_training_start(*a)
+
+    def on_step(self) -> bool:
+        return all([c.on_step() for c in self.cbs])  # every callback sees every step
+
+    def on_training_end(self) -> None:
+        for c in self.cbs:
+            c.on_training_end()
+
+
+class _Fn:
+    def __init__(self, fn: Callable[[Any], Any], model: Any):
+        self.fn, self.model = fn, model
+
+    def on_training_start(self, *a) -> None:
+        pass
+
+    def on_step(self) -> bool:
+        return self.fn(self.model) is not False
+
+    def on_training_end(self) -> None:
+        pass
+
+
+def as_callback(callback: Any, model: Any) -> _Callbacks:
+    cbs = [] if callback is None else list(callback) if isinstance(callback, (list, tuple)) else [callback]
+    return _Callbacks(cbs, model)
+
+
+__all__ = ["Run", "Cadence", "find_resume", "graceful_stop", "as_callback", "NonFiniteError", "StopRequested"]
