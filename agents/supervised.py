@@ -72,7 +72,6 @@ from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.logger import read_metrics
 from mtrl_arch.loop import Cadence
 from mtrl_arch.metrics import delta_m
-from mtrl_arch.run import restore_schedules
 from mtrl_arch.search import TrunkSpec, make_method
 from mtrl_arch.steps import search_step, weight_parameters, weight_step
 from mtrl_arch.tree import Tree
@@ -481,8 +480,8 @@ class SupervisedRun:
         if self.searching and d["method"] is not None:
             self.method.load_state_dict(d["method"])
         self.combiner.load_state_dict(d["combiner"])
-        if self.searching:  # methods' schedules count search steps (see mtrl_arch.run.restore_schedules)
-            restore_schedules((self.method,), d["search_done"])
+        if self.searching:  # methods' schedules count search steps
+            self.method.apply_schedule(d["search_done"])
         for k in ("step", "search_done", "search_epoch", "epoch", "pos", "val_pos", "count", "wall"):
             setattr(self, k, d[k])
         self.sums = d["sums"].to(self.device)

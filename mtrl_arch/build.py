@@ -60,7 +60,7 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
                                                  env.max_episode_steps, env.benchmark_obj, env.reward_version)
         learner = RLRun(agent, env, on_arch if main else None, evaluate_fn if main else None)
         run = Run(learner, cfg, run_dir if main else None, logger, progress and main)
-        agent._run = run  # SB3's verbs on the agent (num_timesteps, logger) read the run
+        agent.run = run  # SB3's verbs on the agent (num_timesteps, logger) read the run
         if found is not None:
             run.restore(found)
             if main:
