@@ -48,6 +48,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from . import distributed
 from .checkpoint import NonFiniteError, StopRequested, list_steps, rng_preserved, save_checkpoint
 from .config import Config, ConfigError
@@ -97,6 +99,41 @@ def find_resume(run_dir: Path, shared: Callable[[dict], dict] = lambda d: d) -> 
     return found
 
 
+class Window:
+    """The training statistics since the last log line: every observation ``train_step()`` returned (a dict of
+    numbers or tensors, e.g. one update's per-task losses or one episode's return), with the progress it was made
+    at. Kept whole (not summed) so that ``finite(window)`` can name the first non-finite one; part of the loop's
+    checkpoint, so a resumed run logs the uninterrupted run's windows."""
+
+    def __init__(self):
+        self.records: list[tuple[int, dict]] = []
+
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys(k for _, r in self.records for k in r))
+
+    def values(self, key: str) -> tuple[list[int], torch.Tensor]:
+        """The progress of each observation of ``key`` and the observations stacked ``[n, ...]``."""
+        rows = [(at, torch.as_tensor(r[key])) for at, r in self.records if key in r]
+        dev = rows[-1][1].device if rows else None  # a resumed window holds CPU tensors
+        return [at for at, _ in rows], torch.stack([v.to(dev) for _, v in rows]) if rows else torch.zeros(0)
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """The mean of every key over its observations; data-parallel: over every rank's (a collective: every rank
+        calls it at the same point, with the same keys)."""
+        keys = self.keys()
+        sums = [self.values(k)[1].double().sum(0).cpu() for k in keys]
+        counts = torch.tensor([float(sum(k in r for _, r in self.records)) for k in keys], dtype=torch.float64)
+        if distributed.active():  # means of sums over means of counts: the pooled mean
+            *sums, counts = distributed.all_reduce_mean([*sums, counts])
+        return {k: s / n for k, s, n in zip(keys, sums, counts.tolist())}
+
+    def state_dict(self) -> list:
+        return [(at, {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in r.items()}) for at, r in self.records]
+
+    def load_state_dict(self, records: list | None) -> None:
+        self.records = list(records or [])
+
+
 class Run:
     def __init__(self, learner: Any, cfg: Config, run_dir: Path | None = None, logger: Any = None,
                  progress: bool = False):
@@ -104,6 +141,7 @@ class Run:
         self.flag: dict = {}            # set by SIGINT/SIGTERM (graceful_stop)
         self.stopped_by: str | None = None
         self.final_eval_done = False
+        self.window = Window()
         self._saved_at = -1
         self._signals_on = False
 
@@ -153,12 +191,12 @@ class Run:
     def state_dict(self) -> dict:
         pos = self.logger.position() if self.logger is not None and hasattr(self.logger, "position") else None
         return {**self.learner.state_dict(), "final_eval_done": self.final_eval_done, "logger_pos": pos,
-                "meta": resume_key(self.cfg)}
+                "window": self.window.state_dict(), "meta": resume_key(self.cfg)}
 
     def save(self) -> None:
         """Checkpoint now; refused with NonFiniteError when a loss or parameter is not finite."""
         L = self.learner
-        L.finite()
+        L.finite(self.window)
         state = self.state_dict()  # on every rank: a learner may agree on its state (e.g. BatchNorm statistics)
         if self.run_dir is not None:
             save_checkpoint(self.run_dir / "checkpoints", L.progress(), state, self.cfg.train.keep_checkpoints,
@@ -178,6 +216,7 @@ class Run:
             raise ConfigError(f"{where} does not fit this config or "
                               f"mtrl-arch version ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
         self.final_eval_done = d.get("final_eval_done", False)
+        self.window.load_state_dict(d.get("window"))
         if self.logger is not None and d.get("logger_pos") is not None and hasattr(self.logger, "rewind"):
             self.logger.rewind(d["logger_pos"])  # lines logged after the checkpoint are logged again
         self._saved_at = self.learner.progress()
@@ -190,6 +229,10 @@ class Run:
         except NonFiniteError as e:  # the learner names the bad value; the loop knows what it kept
             if "checkpoint" in str(e):
                 raise
+            try:  # e.g. a non-finite action: the first non-finite statistic, when there is one, is its cause
+                self.learner.finite(self.window)
+            except NonFiniteError as cause:
+                e = cause
             raise NonFiniteError(f"{e}; {self.kept()}") from None
 
     def _learn(self, budget: int | None, callback: Any) -> None:
@@ -201,6 +244,7 @@ class Run:
         cb.on_training_start({}, {})
         bar = progress_bar(self.progress, L.total(), L.progress(), L.unit)
         shown = L.progress()
+        stop = self._stopper(agreed=False)  # for a learner whose step is long (SB3's learn): it may end early there
         with self.signals(), distributed.sync_other_optimizers():
             while True:
                 if L.period_pending():
@@ -209,7 +253,7 @@ class Run:
                 elif L.finished():
                     break
                 else:
-                    L.train_step()
+                    self.window.records.extend((L.progress(), r) for r in L.train_step(stop) or ())
                     if bar is not None:
                         bar.update(L.progress() - shown)
                         shown = L.progress()
@@ -235,7 +279,7 @@ class Run:
         due = lambda n: bool(n) and p % n == 0  # noqa: E731
         regular = due(every.log)
         if regular or last:
-            L.finite()  # names the exact step and loss before the window holding it closes, or is evaluated
+            L.finite(self.window)  # names the exact step and loss before the window holding it closes, or is evaluated
         ev: dict = {}
         if due(every.eval) and not last or last and every.eval_at_end:
             try:
@@ -243,8 +287,9 @@ class Run:
             except StopRequested:
                 self.stopped_by = self.flag.get("stop") or self.stopped_by
                 return False
-        rec = L.end_period(ev, log=regular or last, keep=last and not regular)
-        rec = {**rec, **ev}
+        rec = {**L.end_period(ev, self.window.means() if regular or last else None), **ev}
+        if regular:  # a budget's last period between two lines keeps the window open: a run resumed with a larger
+            self.window.records.clear()  # budget logs the windows of an uninterrupted run
         if rec and self.logger is not None:
             self.logger.log(rec, L.progress())
         if bar is not None and hasattr(L, "postfix") and rec:
