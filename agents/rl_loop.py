@@ -21,10 +21,8 @@ env of all the run's tasks (episode seeds, warm-up actions, exploration noise an
 draws from ``distributed.rank_seed``), keeps its own replay and takes its share of each
 update's batch (see :class:`~mtrl_arch.agents.sac.MTSAC`). The ranks run in lockstep: one
 update per vector step of the job, which is ``world_size x T`` env steps, so
-``num_timesteps`` and every ``*_env_steps`` setting count env steps over all ranks. The
-ranks agree on stopping at each vector step (a signal reaches them at different times).
-Training statistics are pooled over ranks; rank 0 alone evaluates and writes (``run_dir``,
-logger and ``evaluate`` are None elsewhere). A checkpoint holds rank 0's state; resuming
+``num_timesteps`` and every ``*_env_steps`` setting count env steps over all ranks. Rank 0
+alone evaluates and writes (``run_dir``, logger and ``evaluate`` are None elsewhere). A checkpoint holds rank 0's state; resuming
 needs the same number of processes, and since the other ranks' replays and episodes are not
 in it, every rank collects ``train.warmup_steps`` vector steps with the current policy
 before the updates go on (ranks > 0 start fresh episodes and fresh random streams): such a

@@ -31,17 +31,11 @@ tasks where every task has the metric, and ``eval/delta_m`` / ``val/delta_m`` (D
 ``params/trunk/<kind>`` once the architecture is fixed (``params/search/total`` for the
 search network); ``time/wall_s`` (training time summed over resumed sessions).
 
-Checkpoints (``checkpoints/ckpt-<step>.pt``, atomic) every ``train.checkpoint_every_epochs``
-epochs (search epochs too), at the end of the search and of the run, and on SIGINT/SIGTERM:
-a signal stops training or the search at the end of the current step, an evaluation at its
-next batch (abandoned: the checkpoint holds the state after the epoch's last step, and a
-resumed run ends that epoch, evaluation included, again). Batches are a pure function of
-(seed, epoch, position) and the RNG state is saved, so ``mtrl-arch train --resume RUN_DIR``
-continues exactly where the checkpoint was taken (mid-epoch after a signal), the methods'
-step schedules (AdaShare's temperature and curriculum, LTB's warm-up and temperature)
-included. A resume follows RL's rules (:class:`mtrl_arch.loop.Run` drives both learners): a damaged newest checkpoint is moved aside and the previous one used, and one
-made with other values of the config fields that fix its contents (``data.name``,
-``model.backbone``, ... :data:`mtrl_arch.run.RESUME_KEYS`) is refused in one line.
+Checkpoints every ``train.checkpoint_every_epochs`` epochs (search epochs too), at the end of
+the search and of the run, and on SIGINT/SIGTERM (the loop's rules, :mod:`mtrl_arch.loop`).
+Batches are a pure function of (seed, epoch, position) and the RNG state is saved, so a resume
+continues exactly where the checkpoint was taken (mid-epoch after a signal), the methods' step
+schedules (``ArchMethod.apply_schedule``) included.
 
 Data-parallel (``torchrun ... mtrl-arch train``; :mod:`mtrl_arch.distributed`): every rank
 draws the same global batch and trains on its slice, gradients (per-task rows of shared

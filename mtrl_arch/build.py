@@ -63,12 +63,9 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
         agent.run = run  # SB3's verbs on the agent (num_timesteps, logger) read the run
         if found is not None:
             run.restore(found)
-            if main:
-                print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at env step {learner.num_timesteps}",
-                      file=sys.stderr)
-        elif not agent.searching and main:
+        elif main and not agent.searching:
             on_arch(agent.trees)  # logs the parameter counts too
-        if found is None and agent.searching and main:  # the search network's counts
+        elif main:  # the search network's counts
             logger.log({f"params/{n}/{k}": v for n, c in agent.param_counts().items() for k, v in c.items()}, 0)
         with run.signals():  # SIGINT/SIGTERM: checkpoint, flush, return (exit 0)
             run.learn(cfg.train.total_env_steps)
@@ -114,7 +111,6 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
         run = Run(learner, cfg, run_dir, logger, progress)
         if found is not None:
             run.restore(found)
-            print(f"resumed from {folder}/ckpt-{found[0]}.pt at env step {found[0]}", file=sys.stderr)
         else:
             logger.log({"params/sb3_policies/total": learner.model.param_count()}, 0)
         with run.signals():  # SIGINT/SIGTERM: checkpoint, flush, return (exit 0)
@@ -195,8 +191,6 @@ def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress:
     try:
         if found is not None:
             run.restore(found)
-            if main:
-                print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at step {learner.step}", file=sys.stderr)
         elif learner.searching:
             if logger is not None:
                 logger.log(learner.param_counts(), 0)

@@ -1,42 +1,35 @@
 """One training loop for every domain: the learner steps, the loop owns when things happen.
 
-A :class:`Run` drives a *learner* (:class:`Learner`, duck-typed: the RL run around MT-SAC in
-:mod:`mtrl_arch.agents.rl_loop`, the supervised run in :mod:`mtrl_arch.agents.supervised`, the
-tiny regression in ``tests/test_loop.py``) and owns everything the domains share: the cadence of
-log lines, evaluations and checkpoints, SIGINT/SIGTERM, the non-finite check before every
-checkpoint, resume (:func:`find_resume` + the config key check + restore), the data-parallel stop
-agreement, the progress bar, callbacks and the search -> derive -> retrain switch. It never names a
-domain or a method.
+A :class:`Run` drives a *learner* (duck-typed: ``RLRun``, MT-SAC, in :mod:`mtrl_arch.agents.rl_loop`;
+``SupervisedRun`` in :mod:`mtrl_arch.agents.supervised`; ``SB3Run`` in :mod:`mtrl_arch.agents.sb3_baseline`;
+the regression in ``tests/test_loop.py``) and owns what they share: cadence, SIGINT/SIGTERM, checkpoints,
+resume, the non-finite check, the log window, the data-parallel stop agreement, the progress bar, callbacks
+and the final evaluation. It never names a domain or a method.
 
-Units. ``progress()`` counts the learner's own unit (``unit``: env steps, optimisation steps): the
-x axis of the log and the step of a checkpoint. Cadence counts *periods*: a run of ``train_step()``
-calls that ends at a boundary the learner chooses (RL: one vector step of every task's env;
-supervised: an epoch, or the search's last step). ``cadence()`` gives how many periods apart lines,
-evaluations and checkpoints are; the last period of the budget always logs and checkpoints (and
-evaluates where ``eval_at_end``), the end of the search always checkpoints.
+``progress()`` counts the learner's ``unit`` (env steps, optimisation steps): the log's x axis, a checkpoint's
+step. Cadence counts *periods*: runs of ``train_step()`` that end where the learner says (RL: a vector step;
+supervised: an epoch, or the search's end; SB3: a chunk). The budget's last period always logs and checkpoints
+(and evaluates where ``eval_at_end``); the search's end always checkpoints.
 
-A period ends in this order: evaluation (when due) -> the period's line (the learner closes its
-window, the evaluation's results are merged in) -> the search ends (``search_over()``:
-``finish_search()``, derive and rebuild) -> checkpoint (when due) -> the stop agreement. A stop
-request during the evaluation abandons it (:class:`~mtrl_arch.checkpoint.StopRequested` from the
-``stop`` callable the loop hands in) and leaves the period open: the checkpoint holds the state
-after the period's last step and ``period_pending()`` makes a resumed run end that period again,
-evaluation included, as an uninterrupted run does. Evaluations run inside ``rng_preserved`` so they
-never move the training's random streams.
+A period ends: evaluation (when due) -> the line (``end_period`` turns the window's means into it; the
+evaluation is merged in) -> ``finish_search()`` when ``search_over()`` -> checkpoint (when due) -> the stop
+agreement. A stop during the evaluation abandons it and leaves the period open: the checkpoint holds the state
+after the period's last step, and a resumed run ends the period again, evaluation included. Evaluations run
+inside ``rng_preserved``, so they never move the training's random streams.
 
 The learner provides::
 
-    unit: str; searching: bool; last_eval: dict; model        # what callbacks receive (SB3's `model`)
-    eval_everywhere: bool          # every data-parallel rank evaluates (so an evaluation can be abandoned by agreement)
-    begin(budget) / progress() / total() / finished()          # budget in units (None: the config's)
-    train_step()                   # one step: the unit of stopping
+    unit; searching; last_eval; model          # model: what callbacks receive (SB3's)
+    eval_everywhere                            # every data-parallel rank evaluates (an evaluation can then be abandoned by agreement)
+    begin(budget) / progress() / total() / finished()
+    train_step(stop) -> [record]               # one step; records (dicts of numbers/tensors) go to the window;
+                                               # stop() raises StopRequested (a long step may end early there)
     period_pending() / periods() / cadence() -> Cadence
-    end_period(evaluation, log, keep) -> dict                  # close the period; the line to log ({} for none)
+    end_period(evaluation, means) -> dict      # close the period; means: the window's (None between lines)
     search_over() / finish_search()
-    evaluate(stop, final) -> dict  # ``stop()`` raises StopRequested between batches/steps
-    finite()                       # NonFiniteError naming the first bad loss or parameter (checked before
-                                   # every line and checkpoint; the loop adds where the last good checkpoint is)
-    state_dict() / load_state_dict(d)                          # state_dict: called on every rank
+    evaluate(stop, final) -> dict              # stop() between batches/steps
+    finite(window)                             # NonFiniteError naming the first bad statistic or parameter
+    state_dict() / load_state_dict(d)          # state_dict: on every rank
 """
 from __future__ import annotations
 
@@ -64,28 +57,6 @@ class Cadence:
     eval: int = 0
     checkpoint: int = 0
     eval_at_end: bool = False  # the budget's last period evaluates (RL evaluates after it: Run.final_evaluate)
-
-
-@contextmanager
-def graceful_stop(flag: dict):
-    """SIGINT/SIGTERM set ``flag["stop"]``; the loop saves, flushes and returns. A second signal while
-    stopping raises KeyboardInterrupt (checkpoints are atomic, so that leaves the previous ones intact).
-    Outside the main thread (no signals there) it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if flag.get("stop"):
-            raise KeyboardInterrupt
-        flag["stop"] = signal.Signals(signum).name
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def find_resume(run_dir: Path, shared: Callable[[dict], dict] = lambda d: d) -> tuple[int, dict] | None:
@@ -138,7 +109,7 @@ class Run:
     def __init__(self, learner: Any, cfg: Config, run_dir: Path | None = None, logger: Any = None,
                  progress: bool = False):
         self.learner, self.cfg, self.run_dir, self.logger, self.progress = learner, cfg, run_dir, logger, progress
-        self.flag: dict = {}            # set by SIGINT/SIGTERM (graceful_stop)
+        self.flag: dict = {}            # set by SIGINT/SIGTERM (signals)
         self.stopped_by: str | None = None
         self.final_eval_done = False
         self.window = Window()
@@ -148,16 +119,26 @@ class Run:
     # ---- stopping ------------------------------------------------------------------------------------------
     @contextmanager
     def signals(self):
-        """SIGINT/SIGTERM request a graceful stop while inside; nests."""
-        if self._signals_on:
+        """SIGINT/SIGTERM set ``flag["stop"]`` while inside (nests; outside the main thread, which alone gets
+        signals, nothing): the loop saves, flushes and returns. A second signal while stopping raises
+        KeyboardInterrupt (checkpoints are atomic, so the previous ones stay intact)."""
+        if self._signals_on or threading.current_thread() is not threading.main_thread():
             yield
             return
+
+        def handler(signum, frame):
+            if self.flag.get("stop"):
+                raise KeyboardInterrupt
+            self.flag["stop"] = signal.Signals(signum).name
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         self._signals_on = True
         try:
-            with graceful_stop(self.flag):
-                yield
+            yield
         finally:
             self._signals_on = False
+            for s, h in old.items():
+                signal.signal(s, h)
 
     def _stop_now(self, local: bool = False) -> bool:
         """Whether to stop here; data-parallel: the same answer on every rank (a signal reaches them at
@@ -206,7 +187,8 @@ class Run:
     def restore(self, found: tuple[int, dict]) -> None:
         """Continue from a checkpoint ``(step, state)`` (:func:`find_resume`); ConfigError when it does not fit."""
         step, d = found
-        where = f"the checkpoint at {self.learner.unit.replace('-', ' ')} {step}"
+        at = f"{self.learner.unit.replace('-', ' ')} {step}"
+        where = f"the checkpoint at {at}"
         check_resume_key(d.get("meta"), self.cfg, where)  # every rank checks: all of them stop
         try:
             self.learner.load_state_dict(d)
@@ -220,6 +202,8 @@ class Run:
         if self.logger is not None and d.get("logger_pos") is not None and hasattr(self.logger, "rewind"):
             self.logger.rewind(d["logger_pos"])  # lines logged after the checkpoint are logged again
         self._saved_at = self.learner.progress()
+        if self.run_dir is not None:
+            print(f"resumed from {self.run_dir}/checkpoints/ckpt-{step}.pt at {at}", file=sys.stderr)
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def learn(self, budget: int | None = None, callback: Any = None) -> None:
@@ -240,8 +224,7 @@ class Run:
         L.begin(budget)
         if not L.finished():  # e.g. a finished run resumed with a larger budget
             self.final_eval_done = False
-        cb = as_callback(callback, L.model)
-        cb.on_training_start({}, {})
+        cb = _Callbacks(callback, L.model)
         bar = progress_bar(self.progress, L.total(), L.progress(), L.unit)
         shown = L.progress()
         stop = self._stopper(agreed=False)  # for a learner whose step is long (SB3's learn): it may end early there
@@ -331,43 +314,22 @@ class Run:
         return out
 
 
-# ---- callbacks: None, a function ``f(model) -> bool`` (False stops), a stable-baselines3 BaseCallback, or a list ----
 class _Callbacks:
-    def __init__(self, cbs: list, model: Any):
-        self.cbs = [c if hasattr(c, "init_callback") else _Fn(c, model) for c in cbs]
-        for c in self.cbs:
-            if not isinstance(c, _Fn):
-                c.init_callback(model)  # SB3's: the callback reads model.num_timesteps, model.logger
+    """None, a function ``f(model) -> bool`` (False stops), a stable-baselines3 BaseCallback, or a list of them."""
 
-    def on_training_start(self, *a) -> None:
-        for c in self.cbs:
-            c.on_training_start(*a)
+    def __init__(self, callback: Any, model: Any):
+        self.cbs = [] if callback is None else list(callback) if isinstance(callback, (list, tuple)) else [callback]
+        self.sb3, self.model = [c for c in self.cbs if hasattr(c, "init_callback")], model
+        for c in self.sb3:
+            c.init_callback(model)  # SB3's: the callback reads model.num_timesteps, model.logger
+            c.on_training_start({}, {})
 
-    def on_step(self) -> bool:
-        return all([c.on_step() for c in self.cbs])  # every callback sees every step
+    def on_step(self) -> bool:  # every callback sees every step
+        return all([c.on_step() if c in self.sb3 else c(self.model) is not False for c in self.cbs])
 
     def on_training_end(self) -> None:
-        for c in self.cbs:
+        for c in self.sb3:
             c.on_training_end()
 
 
-class _Fn:
-    def __init__(self, fn: Callable[[Any], Any], model: Any):
-        self.fn, self.model = fn, model
-
-    def on_training_start(self, *a) -> None:
-        pass
-
-    def on_step(self) -> bool:
-        return self.fn(self.model) is not False
-
-    def on_training_end(self) -> None:
-        pass
-
-
-def as_callback(callback: Any, model: Any) -> _Callbacks:
-    cbs = [] if callback is None else list(callback) if isinstance(callback, (list, tuple)) else [callback]
-    return _Callbacks(cbs, model)
-
-
-__all__ = ["Run", "Cadence", "find_resume", "graceful_stop", "as_callback", "NonFiniteError", "StopRequested"]
+__all__ = ["Run", "Cadence", "Window", "find_resume", "NonFiniteError", "StopRequested"]
