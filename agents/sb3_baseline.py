@@ -28,7 +28,6 @@ replaying the episode's actions gives the exact state.
 from __future__ import annotations
 
 import io
-import math
 import os
 import sys
 import time
@@ -206,10 +205,9 @@ class SB3Run:
         self.model = SB3SingleTask(self.models)
         self.pos = self.n = 0  # per-task env steps: of the chunks done, of the budget
         self.wall, self.last_eval = 0.0, {}
-        T = len(tasks)
-        self.every = cfg.eval.every_env_steps // T
+        T, every = len(tasks), cfg.eval.every_env_steps
+        self.every = max(1, every // T) if every else 0  # per task; 0: never
         self.ck = -(-cfg.train.checkpoint_every_env_steps // T)
-        self.chunk = math.gcd(self.every, self.ck)  # 0 (neither set): one chunk, the budget's
 
     # ---- progress and periods ------------------------------------------------------------------------------
     def progress(self) -> int:
@@ -222,18 +220,19 @@ class SB3Run:
         return all(m.num_timesteps >= self.n for m in self.models)
 
     def target(self) -> int:
-        """The per-task env step the open chunk ends at (absolute: a resumed chunk ends where the whole one does)."""
-        return min(self.n, (self.pos // self.chunk + 1) * self.chunk) if self.chunk else self.n
+        """The per-task env step the open chunk ends at: the next evaluation, checkpoint or the budget's end
+        (absolute: a resumed chunk ends where the whole one does)."""
+        nxt = lambda k: (self.pos // k + 1) * k if k else self.n  # noqa: E731
+        return min(self.n, nxt(self.every), nxt(self.ck))
 
     def periods(self) -> int:
-        return -(-self.target() // self.chunk) if self.chunk else 1
+        return self.target()  # periods are numbered by their end, so the cadence counts per-task env steps
 
     def period_pending(self) -> bool:
         return self.pos < self.target() and all(m.num_timesteps >= self.target() for m in self.models)
 
     def cadence(self) -> Cadence:
-        per = lambda n: n // self.chunk if n else 0  # noqa: E731
-        return Cadence(log=1, eval=per(self.every), checkpoint=per(self.ck))
+        return Cadence(log=1, eval=self.every, checkpoint=self.ck)
 
     def begin(self, budget: int) -> None:
         self.n = budget // len(self.tasks)
