@@ -30,6 +30,7 @@ The learner provides::
     evaluate(stop, final) -> dict              # stop() between batches/steps
     finite(window)                             # NonFiniteError naming the first bad statistic or parameter
     state_dict() / load_state_dict(d)          # state_dict: on every rank
+    postfix(line) -> dict                      # optional: what the progress bar shows of a line
 """
 from __future__ import annotations
 
