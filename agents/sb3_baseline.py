@@ -310,8 +310,7 @@ class SB3Run:
             print(f"warning: the checkpoint holds no replay (train.save_replay={self.cfg.train.save_replay}); "
                   f"{', '.join(lost)} collect random steps before updating again (this resume is not exact)",
                   file=sys.stderr)
-        self.model = SB3SingleTask(self.models)
-        self.pos, self.wall, self.last_eval = d["pos"], d["wall"], d["last_eval"]
+        self.pos, self.wall, self.last_eval = d["pos"], d["wall"], d["last_eval"]  # self.model reads self.models
         set_rng_state(d["rng"])  # SAC.load reseeded the process's streams
 
     def save_model(self, path: Path) -> None:
