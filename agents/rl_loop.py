@@ -9,7 +9,7 @@ The loop's period is one vector step (every task's env steps once); its progress
 
 Exact resume: a checkpoint holds everything the run's future depends on (networks,
 targets, optimisers, architecture parameters and search phase, per-task alpha, replay,
-every RNG, step counters, metrics pending aggregation, the metrics file's length) plus
+every RNG, step counters; the loop adds the open log window and the metrics file's length) plus
 the actions taken since the episode's seeded reset. Meta-World's dynamics are
 deterministic, so a resumed run rebuilds the environment's exact mid-episode state by
 resetting with the episode's seed and replaying those actions (at most one episode of
@@ -21,10 +21,8 @@ env of all the run's tasks (episode seeds, warm-up actions, exploration noise an
 draws from ``distributed.rank_seed``), keeps its own replay and takes its share of each
 update's batch (see :class:`~mtrl_arch.agents.sac.MTSAC`). The ranks run in lockstep: one
 update per vector step of the job, which is ``world_size x T`` env steps, so
-``num_timesteps`` and every ``*_env_steps`` setting count env steps over all ranks. The
-ranks agree on stopping at each vector step (a signal reaches them at different times).
-Training statistics are pooled over ranks; rank 0 alone evaluates and writes (``run_dir``,
-logger and ``evaluate`` are None elsewhere). A checkpoint holds rank 0's state; resuming
+``num_timesteps`` and every ``*_env_steps`` setting count env steps over all ranks. Rank 0
+alone evaluates and writes (``run_dir``, logger and ``evaluate`` are None elsewhere). A checkpoint holds rank 0's state; resuming
 needs the same number of processes, and since the other ranks' replays and episodes are not
 in it, every rank collects ``train.warmup_steps`` vector steps with the current policy
 before the updates go on (ranks > 0 start fresh episodes and fresh random streams): such a
@@ -48,7 +46,7 @@ from mtrl_arch.loop import Cadence
 __all__ = ["RLRun", "NonFiniteError", "episode_seed", "shared_state", "eval_lines"]
 
 # what a checkpoint (rank 0's) holds that belongs to rank 0 alone: kept from the other ranks on a data-parallel resume
-RANK_LOCAL = ("rng", "np_rng", "episode_actions", "pending", "logger_pos")
+RANK_LOCAL = ("rng", "np_rng", "episode_actions", "window", "logger_pos")
 
 
 def shared_state(d: dict, agent_local: tuple[str, ...]) -> dict:
@@ -112,9 +110,6 @@ class RLRun:
         self._seeded = False  # the torch RNG: seeded at the first learn() of a fresh run
         self.episode_len = int(getattr(env, "max_episode_steps", None) or 500)
         self.obs = None
-        self._stats: list[dict] = []
-        self._stats_steps: list[int] = []  # vector step of each entry of _stats (to name the step of a NaN)
-        self._episodes: list[dict] = []
         self._ep_actions: list[np.ndarray] = []  # actions since the episode's seeded reset (replayed on resume)
         self._no_update_until = 0  # after a resume without replay: collect before updating
 
@@ -159,8 +154,6 @@ class RLRun:
         return {"vector_step": self.vector_step, "closed": self.closed, "episode": self.episode, "rng": rng_state(),
                 "np_rng": self.np_rng.bit_generator.state, "last_eval": self.last_eval,
                 "episode_actions": np.stack(self._ep_actions) if self._ep_actions else None,
-                "pending": {"stats": [{k: v.detach().cpu() for k, v in s.items()} for s in self._stats],
-                            "stats_steps": list(self._stats_steps), "episodes": list(self._episodes)},
                 "no_update_until": self._no_update_until, "world_size": self.world,
                 "agent": self.agent.state_dict(with_replay=replay)}
 
@@ -182,10 +175,6 @@ class RLRun:
         acts = d.get("episode_actions")
         self._ep_actions = list(acts) if acts is not None else []
         self.obs = None  # begin() rebuilds the env state: seeded reset + the episode's actions
-        pending = d.get("pending", {})
-        self._stats = [{k: v.to(self.agent.device) for k, v in s.items()} for s in pending.get("stats", [])]
-        self._stats_steps = list(pending.get("stats_steps", []))
-        self._episodes = list(pending.get("episodes", []))
         self._no_update_until = d.get("no_update_until", 0)
         lost = "replay" not in d["agent"] or self.world > 1  # data-parallel: only rank 0's replay was saved
         if lost and self.vector_step > self.cfg.train.warmup_steps:
@@ -206,17 +195,15 @@ class RLRun:
             self.np_rng = np.random.default_rng(s)
             self.agent.reseed(s + 1)
 
-    def finite(self) -> None:
-        """NonFiniteError naming the first non-finite loss (step, update, task) or parameter."""
-        if self._stats:
-            for k in self._stats[0]:
-                v = torch.stack([s[k] for s in self._stats])  # [n, T]
-                bad = ~torch.isfinite(v)
-                if bool(bad.any()):
-                    i, t = (int(x) for x in bad.nonzero()[0]) if v.dim() > 1 else (int(bad.nonzero()[0]), 0)
-                    step = self._stats_steps[i] * self.T if i < len(self._stats_steps) else self.num_timesteps
-                    raise NonFiniteError(f"non-finite {k} (task {self.agent.tasks[t]}) at env step {step}, "
-                                         f"update {self.agent.n_updates - len(self._stats) + i}")
+    def finite(self, window: Any) -> None:
+        """NonFiniteError naming the first non-finite loss of the loop's window (step, update, task) or parameter."""
+        for k in (k for k in self.agent.STATS if k in window.keys()):
+            steps, v = window.values(k)  # [n, T]: one row per update
+            bad = ~torch.isfinite(v)
+            if bool(bad.any()):
+                i, t = (int(x) for x in bad.nonzero()[0]) if v.dim() > 1 else (int(bad.nonzero()[0]), 0)
+                raise NonFiniteError(f"non-finite {k} (task {self.agent.tasks[t]}) at env step {steps[i]}, "
+                                     f"update {self.agent.n_updates - len(steps) + i}")
         assert_finite(self.agent.named_tensors(), f"at env step {self.num_timesteps}")
 
     def _restore_env(self) -> None:
@@ -239,76 +226,55 @@ class RLRun:
             self._restore_env()
         self._t_log, self._steps_log, self._updates_log = time.perf_counter(), self.vector_step, self.agent.n_updates
 
-    def train_step(self) -> None:
-        """One vector step of every task's env, then its updates."""
+    def train_step(self, stop: Callable | None = None) -> list[dict]:
+        """One vector step of every task's env, then its updates; the updates' and finished episodes' statistics."""
         cfg, agent, env = self.cfg, self.agent, self.env
         if self.vector_step < cfg.train.warmup_steps:
             action = self.np_rng.uniform(-1.0, 1.0, size=(self.T, agent.action_dim)).astype(np.float32)
         else:
             action = agent.act(self.obs, deterministic=False)
             if not np.isfinite(action).all():  # never feed NaN to the simulator; name the cause
-                self.finite()
                 raise NonFiniteError(f"non-finite action at env step {self.num_timesteps}")
         next_obs, reward, terminated, truncated, info = env.step(action)
         agent.store(self.obs, action, reward, info.get("final_obs", next_obs), terminated)
         self.obs = next_obs
         self._ep_actions.append(action)
         self.vector_step += 1
-        self._episodes.extend(env.pop_finished_episodes())
+        out = [{f"episode_return/{e['task']}": float(e["return"]), f"episode_success/{e['task']}": float(e["success"])}
+               for e in env.pop_finished_episodes()]
         if self.vector_step % self.episode_len == 0:  # episode boundary: seeded resets
             self.episode += 1
             self._ep_actions.clear()
             self.obs = env.reset(seed=episode_seed(self.seed, self.episode))
         if self.vector_step > cfg.train.warmup_steps and self.vector_step > self._no_update_until:
-            for _ in range(_updates_now(cfg.train.updates_per_step, self.vector_step)):
-                self._stats.append(agent.train_step())
-                self._stats_steps.append(self.vector_step)
+            out += [agent.train_step() for _ in range(_updates_now(cfg.train.updates_per_step, self.vector_step))]
+        return out
 
     def finish_search(self) -> None:
         trees = self.agent.finish_search()
         if self.on_arch is not None:
             self.on_arch(trees)
 
-    def end_period(self, evaluation: dict, log: bool, keep: bool) -> dict:
-        """The ``train/*`` line over the window since the last one (``keep``: the window stays open, so a run
-        resumed with a larger budget logs the windows an uninterrupted run logs); {} between lines."""
+    def end_period(self, evaluation: dict, means: dict | None) -> dict:
+        """The ``train/*`` line from the loop's window means (None between lines: {})."""
         self.closed = self.vector_step
-        if not log:
+        if means is None:
             return {}
         now = time.perf_counter()
         out: dict[str, Any] = {
             "time/env_steps_per_s": (self.vector_step - self._steps_log) * self.T * self.world / max(now - self._t_log, 1e-9),
             "time/updates_per_s": (self.agent.n_updates - self._updates_log) / max(now - self._t_log, 1e-9)}
         self._t_log, self._steps_log, self._updates_log = now, self.vector_step, self.agent.n_updates
-        tasks = self.agent.tasks
-        # every statistic all pending updates have (a checkpoint from an older version may lack newer ones)
-        keys = [k for k in self.agent.STATS if all(k in st for st in self._stats)]
-        # sums and counts: pending update statistics [K, T] and episodes' (return, success, count) [3, T]
-        stats = torch.stack([torch.stack([s[k].float() for k in keys]) for s in self._stats]).sum(0).cpu().double() \
-            if self._stats else torch.zeros(len(keys), self.T, dtype=torch.float64)
-        n = float(len(self._stats))
-        eps = torch.zeros(3, self.T, dtype=torch.float64)
-        ix = {t: i for i, t in enumerate(tasks)}
-        for e in self._episodes:
-            eps[:, ix[e["task"]]] += torch.tensor([float(e["return"]), float(e["success"]), 1.0], dtype=torch.float64)
-        if self.world > 1:  # over every rank's updates and episodes (means of sums keep the ratios)
-            stats, n_t, eps = distributed.all_reduce_mean([stats, torch.tensor([n], dtype=torch.float64), eps])
-            n = float(n_t)
-        if n:
-            for k, v in zip(keys, (stats / n).tolist()):
-                out[f"train/{k}"] = float(np.mean(v))
-                if k in ("alpha", "critic_loss", "q_target"):
-                    out.update({f"train/{k}/{t}": x for t, x in zip(tasks, v)})
-        seen = [i for i in range(self.T) if eps[2, i] > 0]
-        for row, key in ((0, "return"), (1, "success")):
-            per = {tasks[i]: float(eps[row, i] / eps[2, i]) for i in seen}
+        for k in (k for k in self.agent.STATS if k in means):
+            v = means[k].tolist()
+            out[f"train/{k}"] = float(np.mean(v))
+            if k in ("alpha", "critic_loss", "q_target"):
+                out.update({f"train/{k}/{t}": x for t, x in zip(self.agent.tasks, v)})
+        for key in ("return", "success"):
+            per = {t: float(means[f"episode_{key}/{t}"]) for t in self.agent.tasks if f"episode_{key}/{t}" in means}
             out.update({f"train/episode_{key}/{t}": v for t, v in per.items()})
             if per:
                 out[f"train/episode_{key}/mean"] = float(np.mean(list(per.values())))
-        if not keep:
-            self._stats.clear()
-            self._stats_steps.clear()
-            self._episodes.clear()
         out.update(self.agent.diagnostics())  # search probabilities, conflict and withheld rates
         out["train/n_updates"] = self.agent.n_updates
         out["phase"] = "search" if self.agent.searching else "train"

@@ -40,7 +40,6 @@ from torch import Tensor, nn
 
 from mtrl_arch import distributed
 from mtrl_arch.config import Config
-from mtrl_arch.run import restore_schedules
 from mtrl_arch.search import TrunkSpec, make_method
 from mtrl_arch.steps import weight_parameters, weight_step
 from mtrl_arch.tree import Tree
@@ -441,8 +440,9 @@ class MTSAC:
         self.n_updates = d["n_updates"]
         if "replay" in d:
             self.replay.load_state_dict(d["replay"])
-        if self.searching:  # the methods' schedules count updates (see mtrl_arch.run.restore_schedules)
-            restore_schedules((self.actor_method, self.critic_method), self.n_updates)
+        if self.searching:  # the methods' schedules count updates
+            for m in (self.actor_method, self.critic_method):
+                m.apply_schedule(self.n_updates)
 
     # ---- what a training loop needs --------------------------------------------------------------------
     RANK_LOCAL = ("replay", "sample_gen")  # state_dict keys that belong to one data-parallel rank
@@ -466,7 +466,7 @@ class MTSAC:
 
     # ---- stable-baselines3's verbs ---------------------------------------------------------------------
     env: Any = None
-    _run: Any = None
+    run: Any = None
 
     @classmethod
     def from_env(cls, env: Any, config: Config, device: torch.device | str = "cpu") -> "MTSAC":
@@ -480,11 +480,11 @@ class MTSAC:
 
     @property
     def num_timesteps(self) -> int:
-        return 0 if self._run is None else self._run.learner.num_timesteps
+        return 0 if self.run is None else self.run.learner.num_timesteps
 
     @property
     def logger(self) -> Any:
-        return _SB3LoggerShim(self._run)
+        return _SB3LoggerShim(self.run)
 
     def learn(self, total_timesteps: int, callback: Any = None, progress_bar: bool = False,
               logger: Any = None, run_dir: Any = None) -> "MTSAC":
@@ -495,9 +495,9 @@ class MTSAC:
 
         if self.env is None:
             raise ValueError("this agent has no environment; build it with MTSAC.from_env(env, config)")
-        if self._run is None:
-            self._run = Run(RLRun(self, self.env), self.cfg, run_dir, logger, progress_bar)
-        self._run.learn(self.num_timesteps + total_timesteps, callback)
+        if self.run is None:
+            self.run = Run(RLRun(self, self.env), self.cfg, run_dir, logger, progress_bar)
+        self.run.learn(self.num_timesteps + total_timesteps, callback)
         return self
 
     def save(self, path: str) -> None:

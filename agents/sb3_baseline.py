@@ -4,53 +4,44 @@
 own 39-d Meta-World env (no one-hot), with the MT-SAC hyper-parameters of the config
 (``model.hidden``, ``train.lr``, ``agent.batch_per_task``, ``agent.gamma``, ``agent.tau``,
 ``agent.init_alpha``, ``agent.buffer_size`` split over the tasks, ``train.warmup_steps``,
-``train.updates_per_step``). The agents are trained round-robin in chunks that end at every
-``eval.every_env_steps`` and ``train.checkpoint_every_env_steps`` (summed over tasks), and
-evaluated together with the same protocol and the same evaluation envs as the multi-task agent
-(:func:`mtrl_arch.envs.metaworld.evaluate`). Differences from MT-SAC that SB3 fixes:
-no gradient-norm clipping, SB3's own network initialisation.
+``train.updates_per_step``), and evaluated with the same protocol and the same evaluation envs
+as the multi-task agent. Differences from MT-SAC that SB3 fixes: no gradient-norm clipping,
+SB3's own network initialisation.
 
-Checkpoints and resume are those of every other run: :mod:`mtrl_arch.checkpoint` files
-``checkpoints/ckpt-<env steps>.pt`` (atomic, checksummed, newest ``train.keep_checkpoints``
-kept) at the end of every chunk, at the end of training and on SIGINT/SIGTERM (at the step
-reached; exit 0 and the MT-SAC loop's message); ``--resume`` takes the newest intact one
-(:func:`mtrl_arch.run.find_resume_checkpoint`: a damaged one is moved aside) after checking
-its resume key; a finished run writes ``model.pt`` (every task's SB3 zip), which ``mtrl-arch
-eval`` reads. A checkpoint holds, per task, the SB3 zip (networks, optimisers, entropy
-coefficient, counters, last observation), the filled part of the replay
-(``train.save_replay``), the task's random streams and its action space's, and what rebuilds
-its env mid-episode; plus the process's random streams, the chunk reached, the last
-evaluation, the metrics file's length and the resume key.
+The learner that :class:`mtrl_arch.loop.Run` drives (so cadence, signals, checkpoints, resume and
+the final evaluation are every run's): the agents train round-robin in chunks, the loop's periods,
+that end at every ``eval.every_env_steps`` and ``train.checkpoint_every_env_steps`` (summed over
+tasks); ``train_step`` is one task's share of a chunk. A checkpoint holds, per task, the SB3 zip
+(networks, optimisers, entropy coefficient, counters, last observation), the filled part of the
+replay (``train.save_replay``), the task's random streams and its action space's, and what rebuilds
+its env mid-episode; plus the process's random streams and the chunk reached. A finished run
+writes ``model.pt`` (every task's SB3 zip), which ``mtrl-arch eval`` reads.
 
 Exact resume (a resumed CPU run is bit-identical to an uninterrupted one, ``time/*`` aside):
 each task trains on random streams of its own (swapped in around its ``learn``), so nothing
-depends on the order of the tasks or on where training was cut; a signal ends ``learn``
-between two rollouts, after the last step's updates; and, as in the MT-SAC loop, the env
-is rebuilt rather than pickled: Meta-World's dynamics are deterministic and a reset's only
-draw is the goal, so restoring the env's generators as they were before the episode's
-reset, resetting and replaying the episode's actions gives the exact state.
+depends on the order of the tasks or on where training was cut; a stop ends ``learn`` between
+two rollouts, after the last step's updates; and, as in the MT-SAC learner, the env is rebuilt
+rather than pickled: Meta-World's dynamics are deterministic and a reset's only draw is the
+goal, so restoring the env's generators as they were before the episode's reset, resetting and
+replaying the episode's actions gives the exact state.
 """
 from __future__ import annotations
 
 import io
 import os
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium as gym
 import numpy as np
 import torch
 
-from mtrl_arch.checkpoint import (StopRequested, assert_finite, list_steps, load_latest, rng_state, save_checkpoint,
-                                  set_rng_state)
+from mtrl_arch.checkpoint import StopRequested, assert_finite, load_latest, rng_state, set_rng_state
 from mtrl_arch.config import Config, ConfigError
-from mtrl_arch.logger import Logger
-from mtrl_arch.loop import graceful_stop
-from mtrl_arch.run import check_resume_key, find_resume_checkpoint, resume_key
+from mtrl_arch.loop import Cadence
 
 from .rl_loop import eval_lines
 
@@ -153,17 +144,7 @@ def _own_streams(slot: dict):
         set_rng_state(outer)
 
 
-@contextmanager
-def _signals(flag: dict):
-    """SIGINT/SIGTERM set ``flag["stop"]`` (the MT-SAC loop's :func:`graceful_stop`); handlers need the main thread."""
-    if threading.current_thread() is threading.main_thread():
-        with graceful_stop(flag):
-            yield
-    else:
-        yield
-
-
-def _stop_callback(flag: dict) -> Any:
+def _stop_callback(stop: Callable[[], None]) -> Any:
     from stable_baselines3.common.callbacks import BaseCallback
 
     class Stop(BaseCallback):
@@ -171,8 +152,7 @@ def _stop_callback(flag: dict) -> Any:
         (a False from on_step would come after the env stepped but before its transition was stored)."""
 
         def _on_rollout_start(self) -> None:
-            if flag.get("stop"):
-                raise StopRequested
+            stop()
 
         def _on_step(self) -> bool:
             return True
@@ -197,160 +177,150 @@ def _load_replay(rb: Any, d: dict) -> None:
     rb.pos, rb.full = d["pos"], d["full"]
 
 
-def _kept(folder: Path) -> str:
-    steps = list_steps(folder)
-    return f"last good checkpoint kept: {folder / f'ckpt-{steps[-1]}.pt'}" if steps else "no checkpoint was written yet"
+class SB3Run:
+    """The learner (:mod:`mtrl_arch.loop`'s protocol): T SB3 SACs trained round-robin, a chunk per period."""
+    unit, eval_everywhere, searching = "env-step", False, False
 
+    def __init__(self, cfg: Config, tasks: tuple[str, ...], device: str, make_env: Callable[[str], gym.Env],
+                 evaluate: Callable[[Callable, int | None], dict]):
+        from stable_baselines3 import SAC
+        from stable_baselines3.common.monitor import Monitor
+        from stable_baselines3.common.vec_env import DummyVecEnv
 
-def train_sb3_stl(cfg: Config, run_dir: Path, tasks: tuple[str, ...], device: str, resume: bool,
-                  progress: bool, env_meta: dict) -> dict[str, Any]:
-    from stable_baselines3 import SAC
-    from stable_baselines3.common.monitor import Monitor
-    from stable_baselines3.common.vec_env import DummyVecEnv
+        self.cfg, self.tasks, self.device, self.evaluate_fn = cfg, tasks, device, evaluate
+        self.kwargs = _sac_kwargs(cfg, len(tasks), device)
+        self.recs: list[_Replayable] = []
+        self.models: list[Any] = []
+        self.slots: list[dict] = []  # each task's random streams while another trains
+        try:
+            for i, task in enumerate(tasks):
+                rec = _Replayable(make_env(task))
+                self.recs.append(rec)
+                self.models.append(SAC("MlpPolicy", DummyVecEnv([lambda rec=rec: Monitor(rec)]),  # SB3's own wrapping
+                                       seed=cfg.seed * 1000 + i, **self.kwargs))
+                self.slots.append({"rng": rng_state()})  # the task's streams go on from its seeded construction
+        except BaseException:
+            self.close()
+            raise
+        self.model = SB3SingleTask(self.models)
+        self.pos = self.n = 0  # per-task env steps: of the chunks done, of the budget
+        self.wall, self.last_eval = 0.0, {}
+        T, every = len(tasks), cfg.eval.every_env_steps
+        self.every = max(1, every // T) if every else 0  # per task; 0: never
+        self.ck = -(-cfg.train.checkpoint_every_env_steps // T)
 
-    from mtrl_arch.envs.metaworld import evaluate, make_task_env
+    # ---- progress and periods ------------------------------------------------------------------------------
+    def progress(self) -> int:
+        return sum(m.num_timesteps for m in self.models)
 
-    T, folder = len(tasks), run_dir / "checkpoints"
-    if resume and not list_steps(folder) and (folder / "sb3").is_dir():
-        raise ConfigError(f"{run_dir} was checkpointed by an older mtrl-arch (checkpoints/sb3/, no checksums) and "
-                          "cannot be resumed; `mtrl-arch eval` still reads its models; start a new run to train on")
-    found = find_resume_checkpoint(run_dir) if resume else None
-    state = found[1] if found else None
-    if state is not None:
-        where = f"the checkpoint at env step {found[0]}"
-        if state.get("algo") != "sb3_stl":
-            raise ConfigError(f"{where} was not written by agent.algo=sb3_stl; resume the run with its own agent.algo")
-        check_resume_key(state.get("meta"), cfg, where)
-    kwargs = _sac_kwargs(cfg, T, device)
-    recs, models, slots, lost = [], [], [], []
-    try:
-        for i, task in enumerate(tasks):
-            rec = _Replayable(make_task_env(cfg.env.name, task, cfg.seed, cfg.env.max_episode_steps or None,
-                                            cfg.env.reward_version))
-            vec = DummyVecEnv([lambda rec=rec: Monitor(rec)])  # what SB3 wraps a plain env in
-            recs.append(rec)
-            if state is None:
-                models.append(SAC("MlpPolicy", vec, seed=cfg.seed * 1000 + i, **kwargs))
-                slots.append({"rng": rng_state()})  # the task's streams go on from its seeded construction
-                continue
-            s = state["agents"][task]
-            try:  # the current settings, except those that fix shapes (resume keys: equal anyway)
-                m = SAC.load(io.BytesIO(s["zip"]), env=vec, device=device, force_reset=False,
-                             **{k: v for k, v in kwargs.items() if k not in ("policy_kwargs", "device")})
-            except (KeyError, RuntimeError, ValueError) as e:
-                raise ConfigError(f"{where} does not fit this config or mtrl-arch version "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
-            models.append(m)
+    def total(self) -> int:
+        return self.n * len(self.tasks)
+
+    def finished(self) -> bool:
+        return all(m.num_timesteps >= self.n for m in self.models)
+
+    def target(self) -> int:
+        """The per-task env step the open chunk ends at: the next evaluation, checkpoint or the budget's end
+        (absolute: a resumed chunk ends where the whole one does)."""
+        nxt = lambda k: (self.pos // k + 1) * k if k else self.n  # noqa: E731
+        return min(self.n, nxt(self.every), nxt(self.ck))
+
+    def periods(self) -> int:
+        return self.target()  # periods are numbered by their end, so the cadence counts per-task env steps
+
+    def period_pending(self) -> bool:
+        return self.pos < self.target() and all(m.num_timesteps >= self.target() for m in self.models)
+
+    def cadence(self) -> Cadence:
+        return Cadence(log=1, eval=self.every, checkpoint=self.ck)
+
+    def begin(self, budget: int) -> None:
+        self.n = budget // len(self.tasks)
+        self._t, self._steps = time.perf_counter(), self.progress()
+
+    def train_step(self, stop: Callable[[], None] | None = None) -> list:
+        """The next task's share of the chunk; ``stop()`` ends it between two rollouts (the loop then stops)."""
+        p = self.target()
+        m, slot = next((m, s) for m, s in zip(self.models, self.slots) if m.num_timesteps < p)
+        with _own_streams(slot):
+            try:
+                m.learn(p - m.num_timesteps, callback=None if stop is None else _stop_callback(stop),
+                        reset_num_timesteps=False, progress_bar=False)
+            except StopRequested:
+                pass
+        return []
+
+    def end_period(self, evaluation: dict, means: dict | None) -> dict:
+        """The chunk's speed and the wall time, on evaluation lines."""
+        self.pos = self.target()
+        now, steps = time.perf_counter(), self.progress()
+        self.wall += now - self._t
+        rate = (steps - self._steps) / max(now - self._t, 1e-9)
+        self._t, self._steps = now, steps
+        return {"time/wall_s": self.wall, "time/env_steps_per_s": rate} if evaluation else {}
+
+    def evaluate(self, stop: Callable[[], None] | None = None, final: bool = False) -> dict[str, float]:
+        def act(o: np.ndarray) -> np.ndarray:
+            if stop is not None:
+                stop()
+            return self.model.act(o)
+
+        k = self.cfg.eval.final_episodes_per_task or None if final else self.cfg.eval.episodes_per_task
+        self.last_eval = eval_lines(self.evaluate_fn(act, k))
+        return self.last_eval
+
+    def finite(self, window: Any = None) -> None:
+        named = [(f"{t}.{n}", p) for t, m in zip(self.tasks, self.models)
+                 for n, p in [*m.policy.named_parameters(), ("log_ent_coef", getattr(m, "log_ent_coef", None))]
+                 if p is not None]
+        assert_finite(named, f"at env step {self.progress()}")  # never checkpoint a diverged run
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        mode = self.cfg.train.save_replay
+        replay = mode == "always" or (mode == "auto" and _replay_bytes(self.models) <= 2**30)
+        agents = {t: {"zip": _zip(m), "rng": slot["rng"], "action_space_rng": m.action_space.np_random.bit_generator.state,
+                      "env": rec.state(), **({"replay": _replay_state(m.replay_buffer)} if replay else {})}
+                  for t, m, slot, rec in zip(self.tasks, self.models, self.slots, self.recs)}
+        wall = self.wall + time.perf_counter() - self._t  # the open chunk's time too
+        return {"algo": "sb3_stl", "tasks": list(self.tasks), "pos": self.pos, "wall": wall,
+                "last_eval": self.last_eval, "rng": rng_state(), "agents": agents}
+
+    def load_state_dict(self, d: dict) -> None:
+        from stable_baselines3 import SAC
+
+        if d.get("algo") != "sb3_stl":
+            raise ConfigError("the checkpoint was not written by agent.algo=sb3_stl; resume the run with its own agent.algo")
+        lost = []
+        for i, (task, rec) in enumerate(zip(self.tasks, self.recs)):
+            s = d["agents"][task]
+            # the current settings, except those that fix shapes (resume keys: equal anyway)
+            m = SAC.load(io.BytesIO(s["zip"]), env=self.models[i].env, device=self.device, force_reset=False,
+                         **{k: v for k, v in self.kwargs.items() if k not in ("policy_kwargs", "device")})
+            self.models[i] = m
             if "replay" in s:
                 _load_replay(m.replay_buffer, s["replay"])
             elif m.num_timesteps > m.learning_starts:  # SB3 would sample an empty buffer: refill first
-                m.learning_starts = m.num_timesteps + max(cfg.train.warmup_steps, cfg.agent.batch_per_task)
+                m.learning_starts = m.num_timesteps + max(self.cfg.train.warmup_steps, self.cfg.agent.batch_per_task)
                 lost.append(task)
             rec.rebuild(m.env, s["env"], m._last_obs, task)
             m.action_space.np_random.bit_generator.state = s["action_space_rng"]  # a copy of the env's after load
-            slots.append({"rng": s["rng"]})
-    except BaseException:
-        for m in models:
-            m.env.close()
-        raise
-    if lost:
-        print(f"warning: the checkpoint holds no replay (train.save_replay={cfg.train.save_replay}); {', '.join(lost)} "
-              "collect random steps before updating again (this resume is not exact)", file=sys.stderr)
-    if state is not None:
-        set_rng_state(state["rng"])  # SAC.load reseeded the process's streams
-        print(f"resumed from {folder}/ckpt-{found[0]}.pt at env step {found[0]}", file=sys.stderr)
-    policy = SB3SingleTask(models)
-    logger = Logger(run_dir, cfg.wandb, {**cfg.to_dict(), "env_metadata": env_meta}, run_dir.name,
-                    resume_step=found[0] if found else (-1 if resume else None))
-    if state is not None and state.get("logger_pos") is not None:
-        logger.rewind(state["logger_pos"])
-    if state is None:
-        logger.log({"params/sb3_policies/total": policy.param_count()}, 0)
-    per_task_total = cfg.train.total_env_steps // T
-    every = max(1, (cfg.eval.every_env_steps or cfg.train.total_env_steps) // T)
-    ck = -(-cfg.train.checkpoint_every_env_steps // T) if cfg.train.checkpoint_every_env_steps else per_task_total
-    pos = state["pos"] if state else 0  # per-task env steps of the chunks done
-    last: dict[str, Any] = state["last_eval"] if state else {}
-    final_done = bool(state and state.get("final_eval_done")) and pos >= per_task_total
-    wall0 = time.time() - (state["wall"] if state else 0.0)
-    flag: dict = {}
-    stop_cb = _stop_callback(flag)
-    saved_at = found[0] if found else -1
+            self.slots[i] = {"rng": s["rng"]}
+        if lost:
+            print(f"warning: the checkpoint holds no replay (train.save_replay={self.cfg.train.save_replay}); "
+                  f"{', '.join(lost)} collect random steps before updating again (this resume is not exact)",
+                  file=sys.stderr)
+        self.pos, self.wall, self.last_eval = d["pos"], d["wall"], d["last_eval"]  # self.model reads self.models
+        set_rng_state(d["rng"])  # SAC.load reseeded the process's streams
 
-    def env_steps() -> int:
-        return sum(m.num_timesteps for m in models)
+    def save_model(self, path: Path) -> None:
+        tmp = path.with_suffix(".pt.tmp")  # written atomically
+        torch.save({"format": MODEL_FORMAT, "version": 1, "config": self.cfg.to_dict(), "tasks": list(self.tasks),
+                    "models": {t: _zip(m) for t, m in zip(self.tasks, self.models)}}, tmp)
+        os.replace(tmp, path)
 
-    def save() -> None:
-        nonlocal saved_at
-        named = [(f"{t}.{n}", p) for t, m in zip(tasks, models)
-                 for n, p in [*m.policy.named_parameters(), ("log_ent_coef", getattr(m, "log_ent_coef", None))]
-                 if p is not None]
-        assert_finite(named, f"at env step {env_steps()}; {_kept(folder)}")  # never checkpoint a diverged run
-        mode = cfg.train.save_replay
-        replay = mode == "always" or (mode == "auto" and _replay_bytes(models) <= 2**30)
-        agents = {t: {"zip": _zip(m), "rng": slot["rng"], "action_space_rng": m.action_space.np_random.bit_generator.state,
-                      "env": rec.state(), **({"replay": _replay_state(m.replay_buffer)} if replay else {})}
-                  for t, m, slot, rec in zip(tasks, models, slots, recs)}
-        d = {"algo": "sb3_stl", "tasks": list(tasks), "pos": pos, "wall": time.time() - wall0, "last_eval": last,
-             "final_eval_done": final_done, "logger_pos": logger.position(), "rng": rng_state(),
-             "meta": resume_key(cfg), "agents": agents}
-        saved_at = env_steps()
-        save_checkpoint(folder, saved_at, d, cfg.train.keep_checkpoints, meta={**resume_key(cfg), "env_step": saved_at})
-
-    def run_eval(k: int | None, interruptible: bool = False) -> dict[str, Any]:
-        def act(o: np.ndarray) -> np.ndarray:
-            if interruptible and flag.get("stop"):  # the final evaluation ends at once; a resumed run evaluates again
-                raise StopRequested
-            return policy.act(o)
-
-        return eval_lines(evaluate(act, cfg.env.name, tasks, cfg.seed, k, cfg.env.max_episode_steps or None,
-                                   None, cfg.env.reward_version, one_hot=False))
-
-    try:
-        with _signals(flag):
-            try:
-                while pos < per_task_total:
-                    p = min(per_task_total, (pos // every + 1) * every, (pos // ck + 1) * ck)
-                    t0, s0 = time.time(), env_steps()
-                    for m, slot in zip(models, slots):
-                        if m.num_timesteps < p:  # absolute targets: a resumed chunk ends where the whole one does
-                            with _own_streams(slot):
-                                m.learn(p - m.num_timesteps, callback=stop_cb, reset_num_timesteps=False,
-                                        progress_bar=False)
-                    pos = p
-                    if pos % every == 0 or pos == per_task_total:
-                        last = run_eval(cfg.eval.episodes_per_task)
-                        last.update({"time/wall_s": time.time() - wall0,
-                                     "time/env_steps_per_s": (env_steps() - s0) / max(time.time() - t0, 1e-9)})
-                        logger.log(last, pos * T)
-                        if progress:
-                            print(f"[sb3_stl] env steps {pos * T}/{per_task_total * T}  mean success "
-                                  f"{last['eval/success_rate/mean']:.2f}  ({last['time/env_steps_per_s']:.0f} env steps/s)",
-                                  file=sys.stderr)
-                    save()
-                    if flag.get("stop"):
-                        raise StopRequested
-                if not final_done:
-                    if cfg.eval.final_episodes_per_task != cfg.eval.episodes_per_task or not last:
-                        last = run_eval(cfg.eval.final_episodes_per_task or None, interruptible=True)
-                        logger.log(last, pos * T)
-                    final_done = True
-                    save()
-            except StopRequested:
-                if saved_at != env_steps():  # stopped inside a chunk (an abandoned final evaluation keeps the last one)
-                    save()
-                print(f"stopped by {flag['stop']} at env step {env_steps()}; checkpoint saved, continue with "
-                      f"`mtrl-arch train --resume {run_dir}`", file=sys.stderr)
-                return last
-        logger.summary(last)
-        tmp = run_dir / "model.pt.tmp"  # the final models, written atomically
-        torch.save({"format": MODEL_FORMAT, "version": 1, "config": cfg.to_dict(), "tasks": list(tasks),
-                    "models": {t: _zip(m) for t, m in zip(tasks, models)}}, tmp)
-        os.replace(tmp, run_dir / "model.pt")
-        return last
-    finally:
-        logger.close()
-        for m in models:
+    def close(self) -> None:
+        for m in self.models:
             m.env.close()
 
 

@@ -31,17 +31,11 @@ tasks where every task has the metric, and ``eval/delta_m`` / ``val/delta_m`` (D
 ``params/trunk/<kind>`` once the architecture is fixed (``params/search/total`` for the
 search network); ``time/wall_s`` (training time summed over resumed sessions).
 
-Checkpoints (``checkpoints/ckpt-<step>.pt``, atomic) every ``train.checkpoint_every_epochs``
-epochs (search epochs too), at the end of the search and of the run, and on SIGINT/SIGTERM:
-a signal stops training or the search at the end of the current step, an evaluation at its
-next batch (abandoned: the checkpoint holds the state after the epoch's last step, and a
-resumed run ends that epoch, evaluation included, again). Batches are a pure function of
-(seed, epoch, position) and the RNG state is saved, so ``mtrl-arch train --resume RUN_DIR``
-continues exactly where the checkpoint was taken (mid-epoch after a signal), the methods'
-step schedules (AdaShare's temperature and curriculum, LTB's warm-up and temperature)
-included. A resume follows RL's rules (:class:`mtrl_arch.loop.Run` drives both learners): a damaged newest checkpoint is moved aside and the previous one used, and one
-made with other values of the config fields that fix its contents (``data.name``,
-``model.backbone``, ... :data:`mtrl_arch.run.RESUME_KEYS`) is refused in one line.
+Checkpoints every ``train.checkpoint_every_epochs`` epochs (search epochs too), at the end of
+the search and of the run, and on SIGINT/SIGTERM (the loop's rules, :mod:`mtrl_arch.loop`).
+Batches are a pure function of (seed, epoch, position) and the RNG state is saved, so a resume
+continues exactly where the checkpoint was taken (mid-epoch after a signal), the methods' step
+schedules (``ArchMethod.apply_schedule``) included.
 
 Data-parallel (``torchrun ... mtrl-arch train``; :mod:`mtrl_arch.distributed`): every rank
 draws the same global batch and trains on its slice, gradients (per-task rows of shared
@@ -72,7 +66,6 @@ from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.logger import read_metrics
 from mtrl_arch.loop import Cadence
 from mtrl_arch.metrics import delta_m
-from mtrl_arch.run import restore_schedules
 from mtrl_arch.search import TrunkSpec, make_method
 from mtrl_arch.steps import search_step, weight_parameters, weight_step
 from mtrl_arch.tree import Tree
@@ -205,8 +198,6 @@ class SupervisedRun:
         self.epoch = 0             # retrain epochs done
         self.pos = 0               # batches done in the current epoch
         self.val_pos = 0           # held-out batches drawn in the current search epoch
-        self.sums = torch.zeros(T, device=device)
-        self.count = 0
         self.wall = 0.0
         self.last_eval: dict[str, float] = {}
         self.tree: Tree | None = None
@@ -333,8 +324,8 @@ class SupervisedRun:
         self._t = time.perf_counter()
         self.net.train()
 
-    def train_step(self) -> None:
-        """One batch: a search step while searching, else a weight step."""
+    def train_step(self, stop: Callable | None = None) -> list[dict]:
+        """One batch: a search step while searching, else a weight step; its per-task losses (for the loop's window)."""
         cfg, bs, lim = self.cfg, self.cfg.train.batch_size, self.cfg.train.limit_batches
         if self.searching:
             if self._it is None:
@@ -345,71 +336,54 @@ class SupervisedRun:
             vb = next(self._val) if self._val is not None and self.method.phase(self.search_done).arch else None
             out = search_step(self.method, self.net, self._shard(batch), vb, self._losses, self.combiner, self.opt,
                               self.search_done, cfg.train.grad_clip)
-            if "train_losses" in out:
-                self.sums += out["train_losses"]
-                self.count += 1
+            losses = out.get("train_losses")
             self.search_done += 1
         else:
             if self._it is None:
                 self._it = iter(self.adapter.train.batches(bs, True, cfg.seed + 2, self.epoch, lim, self.pos,
                                                            cfg.data.num_workers))
-            self.sums += weight_step(self.net, self._shard(next(self._it)), self._losses, self.combiner, self.opt,
-                                     self.step, cfg.train.grad_clip)
-            self.count += 1
+            losses = weight_step(self.net, self._shard(next(self._it)), self._losses, self.combiner, self.opt,
+                                 self.step, cfg.train.grad_clip)
         self.step += 1
         self.pos += 1
+        return [] if losses is None else [{"loss": losses.detach()}]
 
-    def end_period(self, evaluation: dict, log: bool, keep: bool) -> dict[str, Any]:
+    def end_period(self, evaluation: dict, means: dict) -> dict[str, Any]:
         """The epoch's line; a retrain epoch also steps the learning rate (after its evaluation, which a stop may
         abandon: the checkpoint then holds the state after the epoch's last step)."""
         self._it = self._val = None
+        phase = "search" if self.searching else "train"
+        mean = means.get("loss", torch.zeros(len(self.tasks), dtype=torch.float64))  # cadence.log=1: means every epoch
+        self.combiner.weighting.end_epoch(mean.float())  # DWA weighs tasks by the epochs' mean losses
+        vals = mean.tolist()
+        rec: dict[str, Any] = {f"{phase}/loss/{t}": v for t, v in zip(self.tasks, vals)}
+        rec[f"{phase}/loss/mean"] = sum(vals) / len(vals)
+        rec["phase"] = phase
         if self.searching:
             self.search_epoch += 1
-            self._tick()
-            rec = self._epoch_record("search")
+            rec["epoch"], rec["lr"] = self.search_epoch, self.opt.param_groups[0]["lr"]
+            rec.update(self.method.arch_values())
         else:
             self.epoch += 1
-            rec = self._epoch_record("train")
+            rec["epoch"], rec["lr"] = self.epoch, self.opt.param_groups[0]["lr"]
             # a run resumed after a stop in the evaluation ends the epoch before this process's first optimiser
             # step, which torch's schedulers warn of; the schedule comes from the checkpoint, nothing is skipped
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
                 self.sched.step()
-            self._tick()
-            rec["time/wall_s"] = self.wall
+        if self.combiner.stats.steps:
+            rec.update(self.combiner.stats.summary())
+        self._tick()
+        rec["time/wall_s"] = self.wall
         self.pos = self.val_pos = 0
         return rec
 
-    def finite(self) -> None:
-        self._epoch_mean("search" if self.searching else "train")
-
-    def _epoch_mean(self, phase: str) -> Tensor:
-        """The epoch's mean per-task losses; NonFiniteError (CLI exit 3) when one is not finite."""
-        mean = self.sums / max(self.count, 1)
-        if distributed.active():  # the mean over every rank's examples (DWA reads it too)
-            (mean,) = distributed.all_reduce_mean([mean])
-        if not torch.isfinite(mean).all():
-            raise NonFiniteError(f"non-finite {phase} loss at step {self.step} ({mean.tolist()}); "
-                                 "the last good checkpoint is kept")
-        return mean
-
-    def _epoch_record(self, phase: str) -> dict[str, Any]:
-        mean = self._epoch_mean(phase)
-        self.combiner.weighting.end_epoch(mean)
-        vals = mean.tolist()
-        rec: dict[str, Any] = {f"{phase}/loss/{t}": v for t, v in zip(self.tasks, vals)}
-        rec[f"{phase}/loss/mean"] = sum(vals) / len(vals)
-        rec["phase"] = phase
-        rec["epoch"] = self.search_epoch if phase == "search" else self.epoch
-        rec["lr"] = self.opt.param_groups[0]["lr"]
-        rec["time/wall_s"] = self.wall
-        if self.combiner.stats.steps:
-            rec.update(self.combiner.stats.summary())
-        if phase == "search":
-            rec.update(self.method.arch_values())
-        self.sums.zero_()
-        self.count = 0
-        return rec
+    def finite(self, window: Any) -> None:
+        """NonFiniteError (CLI exit 3) when the epoch's mean loss of a task is not finite (over every rank's)."""
+        mean = window.means().get("loss")
+        if mean is not None and not torch.isfinite(mean).all():
+            raise NonFiniteError(f"non-finite {'search' if self.searching else 'train'} loss at step {self.step} "
+                                 f"({mean.tolist()}); the last good checkpoint is kept")
 
     # ---- evaluation -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -461,8 +435,7 @@ class SupervisedRun:
         return {"format": RUN_FORMAT, "version": 1, "searching": self.searching,
                 "tree": None if self.tree is None else self.tree.to_dict(),
                 "step": self.step, "search_done": self.search_done, "search_epoch": self.search_epoch,
-                "epoch": self.epoch, "pos": self.pos, "val_pos": self.val_pos, "sums": self.sums.cpu(),
-                "count": self.count, "wall": self.wall, "last_eval": dict(self.last_eval),
+                "epoch": self.epoch, "pos": self.pos, "val_pos": self.val_pos, "wall": self.wall, "last_eval": dict(self.last_eval),
                 "net": self.net.state_dict(), "opt": self.opt.state_dict(),
                 "sched": None if self.sched is None else self.sched.state_dict(),
                 "method": self.method.state_dict() if self.searching else None,
@@ -481,11 +454,10 @@ class SupervisedRun:
         if self.searching and d["method"] is not None:
             self.method.load_state_dict(d["method"])
         self.combiner.load_state_dict(d["combiner"])
-        if self.searching:  # methods' schedules count search steps (see mtrl_arch.run.restore_schedules)
-            restore_schedules((self.method,), d["search_done"])
-        for k in ("step", "search_done", "search_epoch", "epoch", "pos", "val_pos", "count", "wall"):
+        if self.searching:  # methods' schedules count search steps
+            self.method.apply_schedule(d["search_done"])
+        for k in ("step", "search_done", "search_epoch", "epoch", "pos", "val_pos", "wall"):
             setattr(self, k, d[k])
-        self.sums = d["sums"].to(self.device)
         self.last_eval = dict(d["last_eval"])
         self._it = self._val = None
         set_rng_state(d["rng"])

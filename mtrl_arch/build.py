@@ -60,15 +60,12 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
                                                  env.max_episode_steps, env.benchmark_obj, env.reward_version)
         learner = RLRun(agent, env, on_arch if main else None, evaluate_fn if main else None)
         run = Run(learner, cfg, run_dir if main else None, logger, progress and main)
-        agent._run = run  # SB3's verbs on the agent (num_timesteps, logger) read the run
+        agent.run = run  # SB3's verbs on the agent (num_timesteps, logger) read the run
         if found is not None:
             run.restore(found)
-            if main:
-                print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at env step {learner.num_timesteps}",
-                      file=sys.stderr)
-        elif not agent.searching and main:
+        elif main and not agent.searching:
             on_arch(agent.trees)  # logs the parameter counts too
-        if found is None and agent.searching and main:  # the search network's counts
+        elif main:  # the search network's counts
             logger.log({f"params/{n}/{k}": v for n, c in agent.param_counts().items() for k, v in c.items()}, 0)
         with run.signals():  # SIGINT/SIGTERM: checkpoint, flush, return (exit 0)
             run.learn(cfg.train.total_env_steps)
@@ -85,9 +82,16 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
 
 
 def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, progress: bool) -> dict[str, Any]:
-    from .agents.sb3_baseline import train_sb3_stl
-    from .envs.metaworld import MetaWorldMT
+    from .agents.sb3_baseline import SB3Run
+    from .checkpoint import list_steps
+    from .envs.metaworld import MetaWorldMT, evaluate, make_task_env
+    from .loop import Run, find_resume
 
+    folder = run_dir / "checkpoints"
+    if resume and not list_steps(folder) and (folder / "sb3").is_dir():
+        raise ConfigError(f"{run_dir} was checkpointed by an older mtrl-arch (checkpoints/sb3/, no checksums) and "
+                          "cannot be resumed; `mtrl-arch eval` still reads its models; start a new run to train on")
+    found = find_resume(run_dir) if resume else None
     # the settings record of the same tasks; each SB3 agent sees its task's 39-d obs without the one-hot
     meta_env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, max_episode_steps=cfg.env.max_episode_steps or None,
                            reward_version=cfg.env.reward_version, one_hot=False)
@@ -95,7 +99,31 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
     meta_env.close()
     if not resume:
         write_run_info(run_dir, cfg, {"env": env_meta})
-    return train_sb3_stl(cfg, run_dir, tasks, str(device), resume, progress, env_meta)
+    steps = cfg.env.max_episode_steps or None
+    learner = SB3Run(cfg, tasks, str(device),
+                     lambda task: make_task_env(cfg.env.name, task, cfg.seed, steps, cfg.env.reward_version),
+                     lambda policy, k: evaluate(policy, cfg.env.name, tasks, cfg.seed, k, steps, None,
+                                                cfg.env.reward_version, one_hot=False))
+    logger = None
+    try:
+        logger = Logger(run_dir, cfg.wandb, {**cfg.to_dict(), "env_metadata": env_meta}, run_dir.name,
+                        resume_step=found[0] if found else (-1 if resume else None))
+        run = Run(learner, cfg, run_dir, logger, progress)
+        if found is not None:
+            run.restore(found)
+        else:
+            logger.log({"params/sb3_policies/total": learner.model.param_count()}, 0)
+        with run.signals():  # SIGINT/SIGTERM: checkpoint, flush, return (exit 0)
+            run.learn(cfg.train.total_env_steps)
+            final = run.final_evaluate()
+        if final is not None:
+            logger.summary(final)
+            learner.save_model(run_dir / "model.pt")
+        return dict(learner.last_eval)
+    finally:
+        if logger is not None:
+            logger.close()
+        learner.close()
 
 
 def eval_rl(run_dir: Path, episodes: int | None, cfg: Config) -> dict[str, Any]:
@@ -163,8 +191,6 @@ def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress:
     try:
         if found is not None:
             run.restore(found)
-            if main:
-                print(f"resumed from {run_dir}/checkpoints/ckpt-{found[0]}.pt at step {learner.step}", file=sys.stderr)
         elif learner.searching:
             if logger is not None:
                 logger.log(learner.param_counts(), 0)

@@ -1,42 +1,36 @@
 """One training loop for every domain: the learner steps, the loop owns when things happen.
 
-A :class:`Run` drives a *learner* (:class:`Learner`, duck-typed: the RL run around MT-SAC in
-:mod:`mtrl_arch.agents.rl_loop`, the supervised run in :mod:`mtrl_arch.agents.supervised`, the
-tiny regression in ``tests/test_loop.py``) and owns everything the domains share: the cadence of
-log lines, evaluations and checkpoints, SIGINT/SIGTERM, the non-finite check before every
-checkpoint, resume (:func:`find_resume` + the config key check + restore), the data-parallel stop
-agreement, the progress bar, callbacks and the search -> derive -> retrain switch. It never names a
-domain or a method.
+A :class:`Run` drives a *learner* (duck-typed: ``RLRun``, MT-SAC, in :mod:`mtrl_arch.agents.rl_loop`;
+``SupervisedRun`` in :mod:`mtrl_arch.agents.supervised`; ``SB3Run`` in :mod:`mtrl_arch.agents.sb3_baseline`;
+the regression in ``tests/test_loop.py``) and owns what they share: cadence, SIGINT/SIGTERM, checkpoints,
+resume, the non-finite check, the log window, the data-parallel stop agreement, the progress bar, callbacks
+and the final evaluation. It never names a domain or a method.
 
-Units. ``progress()`` counts the learner's own unit (``unit``: env steps, optimisation steps): the
-x axis of the log and the step of a checkpoint. Cadence counts *periods*: a run of ``train_step()``
-calls that ends at a boundary the learner chooses (RL: one vector step of every task's env;
-supervised: an epoch, or the search's last step). ``cadence()`` gives how many periods apart lines,
-evaluations and checkpoints are; the last period of the budget always logs and checkpoints (and
-evaluates where ``eval_at_end``), the end of the search always checkpoints.
+``progress()`` counts the learner's ``unit`` (env steps, optimisation steps): the log's x axis, a checkpoint's
+step. Cadence counts *periods*: runs of ``train_step()`` that end where the learner says (RL: a vector step;
+supervised: an epoch, or the search's end; SB3: a chunk). The budget's last period always logs and checkpoints
+(and evaluates where ``eval_at_end``); the search's end always checkpoints.
 
-A period ends in this order: evaluation (when due) -> the period's line (the learner closes its
-window, the evaluation's results are merged in) -> the search ends (``search_over()``:
-``finish_search()``, derive and rebuild) -> checkpoint (when due) -> the stop agreement. A stop
-request during the evaluation abandons it (:class:`~mtrl_arch.checkpoint.StopRequested` from the
-``stop`` callable the loop hands in) and leaves the period open: the checkpoint holds the state
-after the period's last step and ``period_pending()`` makes a resumed run end that period again,
-evaluation included, as an uninterrupted run does. Evaluations run inside ``rng_preserved`` so they
-never move the training's random streams.
+A period ends: evaluation (when due) -> the line (``end_period`` turns the window's means into it; the
+evaluation is merged in) -> ``finish_search()`` when ``search_over()`` -> checkpoint (when due) -> the stop
+agreement. A stop during the evaluation abandons it and leaves the period open: the checkpoint holds the state
+after the period's last step, and a resumed run ends the period again, evaluation included. Evaluations run
+inside ``rng_preserved``, so they never move the training's random streams.
 
 The learner provides::
 
-    unit: str; searching: bool; last_eval: dict; model        # what callbacks receive (SB3's `model`)
-    eval_everywhere: bool          # every data-parallel rank evaluates (so an evaluation can be abandoned by agreement)
-    begin(budget) / progress() / total() / finished()          # budget in units (None: the config's)
-    train_step()                   # one step: the unit of stopping
+    unit; searching; last_eval; model          # model: what callbacks receive (SB3's)
+    eval_everywhere                            # every data-parallel rank evaluates (an evaluation can then be abandoned by agreement)
+    begin(budget) / progress() / total() / finished()
+    train_step(stop) -> [record]               # one step; records (dicts of numbers/tensors) go to the window;
+                                               # stop() raises StopRequested (a long step may end early there)
     period_pending() / periods() / cadence() -> Cadence
-    end_period(evaluation, log, keep) -> dict                  # close the period; the line to log ({} for none)
+    end_period(evaluation, means) -> dict      # close the period; means: the window's (None between lines)
     search_over() / finish_search()
-    evaluate(stop, final) -> dict  # ``stop()`` raises StopRequested between batches/steps
-    finite()                       # NonFiniteError naming the first bad loss or parameter (checked before
-                                   # every line and checkpoint; the loop adds where the last good checkpoint is)
-    state_dict() / load_state_dict(d)                          # state_dict: called on every rank
+    evaluate(stop, final) -> dict              # stop() between batches/steps
+    finite(window)                             # NonFiniteError naming the first bad statistic or parameter
+    state_dict() / load_state_dict(d)          # state_dict: on every rank
+    postfix(line) -> dict                      # optional: what the progress bar shows of a line
 """
 from __future__ import annotations
 
@@ -47,6 +41,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+import torch
 
 from . import distributed
 from .checkpoint import NonFiniteError, StopRequested, list_steps, rng_preserved, save_checkpoint
@@ -64,28 +60,6 @@ class Cadence:
     eval_at_end: bool = False  # the budget's last period evaluates (RL evaluates after it: Run.final_evaluate)
 
 
-@contextmanager
-def graceful_stop(flag: dict):
-    """SIGINT/SIGTERM set ``flag["stop"]``; the loop saves, flushes and returns. A second signal while
-    stopping raises KeyboardInterrupt (checkpoints are atomic, so that leaves the previous ones intact).
-    Outside the main thread (no signals there) it does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        if flag.get("stop"):
-            raise KeyboardInterrupt
-        flag["stop"] = signal.Signals(signum).name
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 def find_resume(run_dir: Path, shared: Callable[[dict], dict] = lambda d: d) -> tuple[int, dict] | None:
     """The checkpoint ``train --resume`` continues from (:func:`~mtrl_arch.run.find_resume_checkpoint`): rank 0
     reads it, every other rank of a data-parallel run receives ``shared(state)`` (what is not rank 0's alone)."""
@@ -97,29 +71,75 @@ def find_resume(run_dir: Path, shared: Callable[[dict], dict] = lambda d: d) -> 
     return found
 
 
+class Window:
+    """The training statistics since the last log line: every observation ``train_step()`` returned (a dict of
+    numbers or tensors, e.g. one update's per-task losses or one episode's return), with the progress it was made
+    at. Kept whole (not summed) so that ``finite(window)`` can name the first non-finite one; part of the loop's
+    checkpoint, so a resumed run logs the uninterrupted run's windows."""
+
+    def __init__(self):
+        self.records: list[tuple[int, dict]] = []
+
+    def keys(self) -> list[str]:
+        return list(dict.fromkeys(k for _, r in self.records for k in r))
+
+    def values(self, key: str) -> tuple[list[int], torch.Tensor]:
+        """The progress of each observation of ``key`` and the observations stacked ``[n, ...]``."""
+        rows = [(at, torch.as_tensor(r[key])) for at, r in self.records if key in r]
+        dev = rows[-1][1].device if rows else None  # a resumed window holds CPU tensors
+        return [at for at, _ in rows], torch.stack([v.to(dev) for _, v in rows]) if rows else torch.zeros(0)
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """The mean of every key over its observations; data-parallel: over every rank's (a collective: every rank
+        calls it at the same point, with the same keys)."""
+        keys = self.keys()
+        sums = [self.values(k)[1].double().sum(0).cpu() for k in keys]
+        counts = torch.tensor([float(sum(k in r for _, r in self.records)) for k in keys], dtype=torch.float64)
+        if distributed.active():  # means of sums over means of counts: the pooled mean
+            *sums, counts = distributed.all_reduce_mean([*sums, counts])
+        return {k: s / n for k, s, n in zip(keys, sums, counts.tolist())}
+
+    def state_dict(self) -> list:
+        return [(at, {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in r.items()}) for at, r in self.records]
+
+    def load_state_dict(self, records: list | None) -> None:
+        self.records = list(records or [])
+
+
 class Run:
     def __init__(self, learner: Any, cfg: Config, run_dir: Path | None = None, logger: Any = None,
                  progress: bool = False):
         self.learner, self.cfg, self.run_dir, self.logger, self.progress = learner, cfg, run_dir, logger, progress
-        self.flag: dict = {}            # set by SIGINT/SIGTERM (graceful_stop)
+        self.flag: dict = {}            # set by SIGINT/SIGTERM (signals)
         self.stopped_by: str | None = None
         self.final_eval_done = False
+        self.window = Window()
         self._saved_at = -1
         self._signals_on = False
 
     # ---- stopping ------------------------------------------------------------------------------------------
     @contextmanager
     def signals(self):
-        """SIGINT/SIGTERM request a graceful stop while inside; nests."""
-        if self._signals_on:
+        """SIGINT/SIGTERM set ``flag["stop"]`` while inside (nests; outside the main thread, which alone gets
+        signals, nothing): the loop saves, flushes and returns. A second signal while stopping raises
+        KeyboardInterrupt (checkpoints are atomic, so the previous ones stay intact)."""
+        if self._signals_on or threading.current_thread() is not threading.main_thread():
             yield
             return
+
+        def handler(signum, frame):
+            if self.flag.get("stop"):
+                raise KeyboardInterrupt
+            self.flag["stop"] = signal.Signals(signum).name
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
         self._signals_on = True
         try:
-            with graceful_stop(self.flag):
-                yield
+            yield
         finally:
             self._signals_on = False
+            for s, h in old.items():
+                signal.signal(s, h)
 
     def _stop_now(self, local: bool = False) -> bool:
         """Whether to stop here; data-parallel: the same answer on every rank (a signal reaches them at
@@ -153,12 +173,12 @@ class Run:
     def state_dict(self) -> dict:
         pos = self.logger.position() if self.logger is not None and hasattr(self.logger, "position") else None
         return {**self.learner.state_dict(), "final_eval_done": self.final_eval_done, "logger_pos": pos,
-                "meta": resume_key(self.cfg)}
+                "window": self.window.state_dict(), "meta": resume_key(self.cfg)}
 
     def save(self) -> None:
         """Checkpoint now; refused with NonFiniteError when a loss or parameter is not finite."""
         L = self.learner
-        L.finite()
+        L.finite(self.window)
         state = self.state_dict()  # on every rank: a learner may agree on its state (e.g. BatchNorm statistics)
         if self.run_dir is not None:
             save_checkpoint(self.run_dir / "checkpoints", L.progress(), state, self.cfg.train.keep_checkpoints,
@@ -168,7 +188,8 @@ class Run:
     def restore(self, found: tuple[int, dict]) -> None:
         """Continue from a checkpoint ``(step, state)`` (:func:`find_resume`); ConfigError when it does not fit."""
         step, d = found
-        where = f"the checkpoint at {self.learner.unit.replace('-', ' ')} {step}"
+        at = f"{self.learner.unit.replace('-', ' ')} {step}"
+        where = f"the checkpoint at {at}"
         check_resume_key(d.get("meta"), self.cfg, where)  # every rank checks: all of them stop
         try:
             self.learner.load_state_dict(d)
@@ -178,9 +199,12 @@ class Run:
             raise ConfigError(f"{where} does not fit this config or "
                               f"mtrl-arch version ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
         self.final_eval_done = d.get("final_eval_done", False)
+        self.window.load_state_dict(d.get("window"))
         if self.logger is not None and d.get("logger_pos") is not None and hasattr(self.logger, "rewind"):
             self.logger.rewind(d["logger_pos"])  # lines logged after the checkpoint are logged again
         self._saved_at = self.learner.progress()
+        if self.run_dir is not None:
+            print(f"resumed from {self.run_dir}/checkpoints/ckpt-{step}.pt at {at}", file=sys.stderr)
 
     # ---- the loop ------------------------------------------------------------------------------------------
     def learn(self, budget: int | None = None, callback: Any = None) -> None:
@@ -190,6 +214,10 @@ class Run:
         except NonFiniteError as e:  # the learner names the bad value; the loop knows what it kept
             if "checkpoint" in str(e):
                 raise
+            try:  # e.g. a non-finite action: the first non-finite statistic, when there is one, is its cause
+                self.learner.finite(self.window)
+            except NonFiniteError as cause:
+                e = cause
             raise NonFiniteError(f"{e}; {self.kept()}") from None
 
     def _learn(self, budget: int | None, callback: Any) -> None:
@@ -197,10 +225,10 @@ class Run:
         L.begin(budget)
         if not L.finished():  # e.g. a finished run resumed with a larger budget
             self.final_eval_done = False
-        cb = as_callback(callback, L.model)
-        cb.on_training_start({}, {})
+        cb = _Callbacks(callback, L.model)
         bar = progress_bar(self.progress, L.total(), L.progress(), L.unit)
         shown = L.progress()
+        stop = self._stopper(agreed=False)  # for a learner whose step is long (SB3's learn): it may end early there
         with self.signals(), distributed.sync_other_optimizers():
             while True:
                 if L.period_pending():
@@ -209,7 +237,7 @@ class Run:
                 elif L.finished():
                     break
                 else:
-                    L.train_step()
+                    self.window.records.extend((L.progress(), r) for r in L.train_step(stop) or ())
                     if bar is not None:
                         bar.update(L.progress() - shown)
                         shown = L.progress()
@@ -235,7 +263,7 @@ class Run:
         due = lambda n: bool(n) and p % n == 0  # noqa: E731
         regular = due(every.log)
         if regular or last:
-            L.finite()  # names the exact step and loss before the window holding it closes, or is evaluated
+            L.finite(self.window)  # names the exact step and loss before the window holding it closes, or is evaluated
         ev: dict = {}
         if due(every.eval) and not last or last and every.eval_at_end:
             try:
@@ -243,8 +271,9 @@ class Run:
             except StopRequested:
                 self.stopped_by = self.flag.get("stop") or self.stopped_by
                 return False
-        rec = L.end_period(ev, log=regular or last, keep=last and not regular)
-        rec = {**rec, **ev}
+        rec = {**L.end_period(ev, self.window.means() if regular or last else None), **ev}
+        if regular:  # a budget's last period between two lines keeps the window open: a run resumed with a larger
+            self.window.records.clear()  # budget logs the windows of an uninterrupted run
         if rec and self.logger is not None:
             self.logger.log(rec, L.progress())
         if bar is not None and hasattr(L, "postfix") and rec:
@@ -286,43 +315,22 @@ class Run:
         return out
 
 
-# ---- callbacks: None, a function ``f(model) -> bool`` (False stops), a stable-baselines3 BaseCallback, or a list ----
 class _Callbacks:
-    def __init__(self, cbs: list, model: Any):
-        self.cbs = [c if hasattr(c, "init_callback") else _Fn(c, model) for c in cbs]
-        for c in self.cbs:
-            if not isinstance(c, _Fn):
-                c.init_callback(model)  # SB3's: the callback reads model.num_timesteps, model.logger
+    """None, a function ``f(model) -> bool`` (False stops), a stable-baselines3 BaseCallback, or a list of them."""
 
-    def on_training_start(self, *a) -> None:
-        for c in self.cbs:
-            c.on_training_start(*a)
+    def __init__(self, callback: Any, model: Any):
+        self.cbs = [] if callback is None else list(callback) if isinstance(callback, (list, tuple)) else [callback]
+        self.sb3, self.model = [c for c in self.cbs if hasattr(c, "init_callback")], model
+        for c in self.sb3:
+            c.init_callback(model)  # SB3's: the callback reads model.num_timesteps, model.logger
+            c.on_training_start({}, {})
 
-    def on_step(self) -> bool:
-        return all([c.on_step() for c in self.cbs])  # every callback sees every step
+    def on_step(self) -> bool:  # every callback sees every step
+        return all([c.on_step() if c in self.sb3 else c(self.model) is not False for c in self.cbs])
 
     def on_training_end(self) -> None:
-        for c in self.cbs:
+        for c in self.sb3:
             c.on_training_end()
 
 
-class _Fn:
-    def __init__(self, fn: Callable[[Any], Any], model: Any):
-        self.fn, self.model = fn, model
-
-    def on_training_start(self, *a) -> None:
-        pass
-
-    def on_step(self) -> bool:
-        return self.fn(self.model) is not False
-
-    def on_training_end(self) -> None:
-        pass
-
-
-def as_callback(callback: Any, model: Any) -> _Callbacks:
-    cbs = [] if callback is None else list(callback) if isinstance(callback, (list, tuple)) else [callback]
-    return _Callbacks(cbs, model)
-
-
-__all__ = ["Run", "Cadence", "find_resume", "graceful_stop", "as_callback", "NonFiniteError", "StopRequested"]
+__all__ = ["Run", "Cadence", "Window", "find_resume", "NonFiniteError", "StopRequested"]

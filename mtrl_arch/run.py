@@ -2,8 +2,8 @@
 
 Also what a resume does in either domain (the RL and supervised loops both call these, so the
 rules cannot drift apart): :func:`find_resume_checkpoint` (the newest intact checkpoint, damaged
-ones moved aside), :func:`resume_key` / :func:`check_resume_key` (the config a checkpoint was
-made with must match) and :func:`restore_schedules` (architecture methods' step schedules).
+ones moved aside), and :func:`resume_key` / :func:`check_resume_key` (the config a checkpoint was
+made with must match).
 """
 from __future__ import annotations
 
@@ -162,21 +162,6 @@ def find_resume_checkpoint(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
         print(f"warning: {run_dir}/checkpoints holds no readable checkpoint; starting the run from the beginning",
               file=sys.stderr)
     return found
-
-
-def restore_schedules(methods: Any, step: int) -> None:
-    """Put the step schedules of searching architecture methods (LTB's warm-up and temperature, AdaShare's
-    temperature and curriculum) where the last step before a checkpoint left them.
-
-    The schedules are pure functions of the method's step count, set by ``on_step(step)`` for step + 1;
-    a method built afresh on resume starts at step 0's, so without this the first steps after a resume
-    would run under the build-time temperature (not an exact resume). ``step``: the search steps (RL:
-    updates) already done.
-    """
-    for m in methods:
-        apply = getattr(m, "_apply_schedule", None)
-        if apply is not None and m.net is not None:
-            apply(step)
 
 
 ARCH_SET_FORMAT = "mtrl-arch/arch-set"

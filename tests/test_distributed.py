@@ -215,7 +215,7 @@ def test_mtsac_a_rank_failing_mid_training_stops_the_job(tmp_path):
         "from mtrl_arch.cli import main\n"
         "if os.environ.get('RANK') == '1':\n"
         "    from mtrl_arch.agents.rl_loop import RLRun, NonFiniteError\n"
-        "    def diverge(self, evaluation, log, keep):\n"
+        "    def diverge(self, *args):\n"
         "        raise NonFiniteError('non-finite critic_loss (task push-v3) at env step 100')\n"
         "    RLRun.end_period = diverge\n"
         "sys.exit(main(sys.argv[1:]))\n")

@@ -33,7 +33,6 @@ class Regression:
         self.on_eval, self.nan_at = on_eval, nan_at
         self.step = self.closed = 0
         self.searching = search_periods > 0
-        self.losses: list[torch.Tensor] = []
         self.last_eval: dict = {}
         self.calls = {"eval": 0, "line": 0, "finish_search": 0}
 
@@ -47,7 +46,7 @@ class Regression:
     def cadence(self): return self.every
     def search_over(self): return self.step >= self.search_periods * PERIOD
 
-    def train_step(self):
+    def train_step(self, stop):
         x = torch.randn(8, 3)
         loss = ((self.model(x) - x @ self.w.T) ** 2).mean(0)
         if self.step == self.nan_at:
@@ -55,18 +54,15 @@ class Regression:
         self.opt.zero_grad()
         loss.sum().backward()
         self.opt.step()
-        self.losses.append(loss.detach())
         self.step += 1
+        return [{"loss": loss.detach()}]  # the loop's window averages it over the log window
 
-    def end_period(self, evaluation, log, keep):
+    def end_period(self, evaluation, means):
         self.closed = self.step // PERIOD
-        if not log:
+        if means is None:
             return {}
         self.calls["line"] += 1
-        out = {f"train/loss/{t}": v for t, v in enumerate(torch.stack(self.losses).mean(0).tolist())}
-        if not keep:
-            self.losses.clear()
-        return out
+        return {f"train/loss/{t}": v for t, v in enumerate(means["loss"].tolist())}
 
     def finish_search(self):
         self.calls["finish_search"] += 1
@@ -83,21 +79,21 @@ class Regression:
         self.last_eval = {"eval/loss": float(((self.model(x) - x @ self.w.T) ** 2).mean().detach())}
         return self.last_eval
 
-    def finite(self):
-        if self.losses and not torch.isfinite(torch.stack(self.losses)).all():
+    def finite(self, window):
+        if not torch.isfinite(window.values("loss")[1]).all():
             raise C.NonFiniteError(f"non-finite loss at step {self.step}")
         C.assert_finite(self.model.named_parameters(), f"at step {self.step}")
 
     def state_dict(self):
         return {"step": self.step, "closed": self.closed, "searching": self.searching, "model": self.model.state_dict(),
-                "opt": self.opt.state_dict(), "losses": list(self.losses), "last_eval": dict(self.last_eval),
+                "opt": self.opt.state_dict(), "last_eval": dict(self.last_eval),
                 "rng": C.rng_state()}
 
     def load_state_dict(self, d):
         self.step, self.closed, self.searching = d["step"], d["closed"], d["searching"]
         self.model.load_state_dict(d["model"])
         self.opt.load_state_dict(d["opt"])
-        self.losses, self.last_eval = list(d["losses"]), dict(d["last_eval"])
+        self.last_eval = dict(d["last_eval"])
         C.set_rng_state(d["rng"])
 
 

@@ -180,7 +180,7 @@ class AdaShare(ArchMethod):
         L, n = self.spec.n_stages, self.n_unlocked_at(step)
         return tuple(l >= L - n for l in range(L))
 
-    def _apply_schedule(self, step: int) -> None:
+    def apply_schedule(self, step: int) -> None:
         self.net.tau = self.tau_at(step)
         self.net.unlocked = self.unlocked_at(step)
 
@@ -188,7 +188,7 @@ class AdaShare(ArchMethod):
     def build(self) -> nn.Module:
         self.net = AdaShareNet(self.spec)
         self.make_arch_optimizer(self.options.lr, self.options.weight_decay, betas=(0.9, 0.999))
-        self._apply_schedule(0)
+        self.apply_schedule(0)
         return self.net
 
     def phase(self, step: int) -> Phase:
@@ -199,7 +199,7 @@ class AdaShare(ArchMethod):
         return Phase(weights=not policy, arch=policy)
 
     def on_step(self, step: int) -> None:
-        self._apply_schedule(step + 1)
+        self.apply_schedule(step + 1)
 
     def regularizer(self) -> Tensor:
         o, net = self.options, self.net

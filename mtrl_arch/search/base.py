@@ -11,7 +11,7 @@ only call the methods below, so adding a method never touches a loop:
 * ``phase(step)`` -> which updates a search step makes (weights on training data,
   architecture on held-out data).
 * ``arch_step(val_losses)`` -> one architecture update from per-task validation losses.
-* ``on_step(step)`` -> schedules (temperatures, curricula).
+* ``on_step(step)`` -> schedules (temperatures, curricula); ``apply_schedule(step)`` restores them on resume.
 * ``observe_task_grads(groups, grads, grams)`` when ``wants_task_grads`` (Recon's statistics;
   ``grams``: per group the tasks' Gram matrix, already computed for the conflict statistics).
 * ``derive()`` -> the :class:`~mtrl_arch.tree.Tree` that is retrained from scratch, read off
@@ -98,6 +98,11 @@ class ArchMethod:
 
     def on_step(self, step: int) -> None:
         pass
+
+    def apply_schedule(self, step: int) -> None:
+        """Put the step schedules (temperatures, curricula) where ``step`` steps leave them: ``on_step(step)``
+        applies step + 1's, and a resume applies the steps done, since a method built afresh starts at step 0's
+        (without it the first steps after a resume run under the build-time schedule: not an exact resume)."""
 
     def regularizer(self) -> Tensor | None:
         return None

@@ -135,21 +135,21 @@ class LTB(ArchMethod):
     def tau_at(self, step: int) -> float:
         return (self.options.epochs / 20) / math.sqrt(self.epoch_at(step) + 1)
 
-    def _apply_schedule(self, step: int) -> None:
+    def apply_schedule(self, step: int) -> None:
         self.net.warm = self.warm_at(step)
         self.net.tau = self.tau_at(step)
 
     # ---- interface --------------------------------------------------------------------------------
     def build(self) -> nn.Module:
         self.net = LTBNet(self.spec)
-        self._apply_schedule(0)
+        self.apply_schedule(0)
         return self.net
 
     def phase(self, step: int) -> Phase:
         return Phase(weights=True, arch=False)
 
     def on_step(self, step: int) -> None:
-        self._apply_schedule(step + 1)
+        self.apply_schedule(step + 1)
 
     def paths(self) -> list[list[int]]:
         """Per task, its node at every stage (argmax parents from the head down)."""
