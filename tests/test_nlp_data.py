@@ -1,4 +1,4 @@
-"""envs/nlp.py: GLUE readers against the data README, and the WordPiece tokenizer."""
+"""envs/nlp.py and envs/wordpiece.py: GLUE readers against the data README, and the WordPiece tokenizer."""
 from __future__ import annotations
 
 from collections import Counter
@@ -9,19 +9,9 @@ import pytest
 import torch
 
 from data_roots import SUBSET, data_root, is_subset, real_root
-from mtrl_arch.envs import nlp
-from mtrl_arch.envs.nlp import (
-    GLUE_ROWS,
-    GLUE_TASKS,
-    SPECIAL_TOKENS,
-    DataError,
-    GlueDataset,
-    WordPieceTokenizer,
-    build_glue_tokenizer,
-    glue_metrics,
-    pre_tokenize,
-    read_glue,
-)
+from mtrl_arch.envs import wordpiece as nlp  # the tokenizer internals these tests check
+from mtrl_arch.envs.nlp import GLUE_ROWS, GLUE_TASKS, DataError, GlueDataset, build_glue_tokenizer, glue_metrics, read_glue
+from mtrl_arch.envs.wordpiece import SPECIAL_TOKENS, WordPieceTokenizer, pre_tokenize
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from data_roots import data_overrides, data_root
-from mtrl_arch import sweep
+from mtrl_arch import sweep, sweep_summary
 from mtrl_arch.cli import main
 from mtrl_arch.config import ConfigError
 
@@ -51,12 +51,12 @@ def test_grid_names_and_values():
 
 
 def test_t_interval_matches_the_formula():
-    st = sweep.t_interval([0.2, 0.4, 0.9])
+    st = sweep_summary.t_interval([0.2, 0.4, 0.9])
     m, s = 0.5, math.sqrt(((0.3) ** 2 + 0.1 ** 2 + 0.4 ** 2) / 2)
     h = 4.302652729911275 * s / math.sqrt(3)  # t_{0.975, 2}
     assert st["mean"] == pytest.approx(m) and st["std"] == pytest.approx(s)
     assert st["ci95"] == pytest.approx([m - h, m + h])
-    assert sweep.t_interval([0.3]) == {"n": 1, "mean": 0.3, "std": None, "ci95": None, "values": [0.3]}
+    assert sweep_summary.t_interval([0.3]) == {"n": 1, "mean": 0.3, "std": None, "ci95": None, "values": [0.3]}
 
 
 def test_plan_refuses_a_bad_setting_before_anything_runs(tmp_path, capsys):
@@ -115,7 +115,7 @@ def test_sweep_two_methods_two_seeds_on_ray(local_ray, tmp_path, cache):
             assert st["n"] == 2 and st["mean"] == pytest.approx(sum(st["values"]) / 2)
             assert st["ci95"][0] <= st["mean"] <= st["ci95"][1]
     # the per-seed values are the runs' own last evaluations
-    last = sweep.last_eval(out / "method-stl-seed1")
+    last = sweep_summary.last_eval(out / "method-stl-seed1")
     assert last["eval/accuracy/mean"] in by["method-stl"]["metrics"]["eval/accuracy/mean"]["values"]
     md = (out / "summary.md").read_text()
     assert "| method-hps | 2 |" in md and "| method-stl | 2 |" in md and "## `eval/accuracy`" in md
