@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -98,8 +99,7 @@ def train(run_dir: Path, config: str, overrides: list[str], seed: int) -> tuple[
     with open(str(run_dir) + ".log", "a") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**__import__("os").environ,
-                                                                          "OMP_NUM_THREADS": "1"}).returncode
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
     print(f"[{run_dir.parent.name}/{run_dir.name}] exit {rc} after {time.time() - t0:.0f} s", flush=True)
     return str(run_dir), rc, time.time() - t0
 
