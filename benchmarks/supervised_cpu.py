@@ -128,19 +128,11 @@ def collect(root: str) -> dict:
 
 
 def _arch(stages: list, T: int) -> str:
-    """One letter per stage: S all shared, P all task-specific, G sub-groups, - skipped by someone."""
-    out = []
-    for st in stages:
-        used = sum(len(g) for g in st)
-        if used < T:
-            out.append("-")
-        elif len(st) == 1:
-            out.append("S")
-        elif all(len(g) == 1 for g in st):
-            out.append("P")
-        else:
-            out.append("G")
-    return "".join(out)
+    """One letter per stage (:func:`mtrl_arch.table.tree_code`) of a recorded ``[[task, ...], ...]`` per stage."""
+    from mtrl_arch.table import tree_code
+    from mtrl_arch.tree import Tree
+
+    return tree_code(Tree(tuple(str(t) for t in range(T)), tuple(tuple(tuple(g) for g in st) for st in stages)))
 
 
 def markdown(res: dict) -> str:

@@ -83,8 +83,6 @@ __all__ = ["BENCHMARKS", "MODELS", "DEFAULT_ROOTS", "TaskAdapter", "check_config
 def _options(cls: type, raw: dict, where: str) -> Any:
     """The shared option rules, then the benchmarks' range rule: every number is a size or a rate, so
     positive; subsets (0: all), seeds and dropout may be 0."""
-    if where == "model.options" and "tied_init" in (raw or {}):  # one knob for every domain since the RL search tied too
-        raise ConfigError("model.options.tied_init was renamed model.tied_init")
     o = parse_options(cls, raw, where)
     for k in raw:
         v, zero_ok = getattr(o, k), k.endswith(("_subset", "seed", "dropout"))

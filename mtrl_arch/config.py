@@ -220,27 +220,40 @@ DOMAIN_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 _RENAMED: dict[str, dict[str, str]] = {
     **{f"agent.{k}": {"rl": f"train.{k}"} for k in ("lr", "grad_clip", "amp", "compile", "compile_mode")},
     "train.checkpoint_every": {"rl": "train.checkpoint_every_env_steps", "supervised": "train.checkpoint_every_epochs"},
+    # the supervised backbones' option became one knob for every domain when the RL search networks were tied too
+    "model.options.tied_init": {"rl": "model.tied_init", "supervised": "model.tied_init"},
 }
 
 
 def _renamed(key: str) -> ConfigError:
     new = _RENAMED[key]
-    if len(new) == 1:
+    if len(set(new.values())) == 1:
         return ConfigError(f"{key} was renamed {next(iter(new.values()))}")
     return ConfigError(f"{key} was renamed: {new['rl']} in RL runs, {new['supervised']} in supervised runs")
 
 
 def _migrate(d: dict[str, Any]) -> dict[str, Any]:
     """A resolved config written before a rename, under the new names (see _RENAMED)."""
-    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    d = dict(d)
     domain = d.get("domain", Config.domain)
     for old, new in _RENAMED.items():
-        sec, leaf = old.split(".")
-        if isinstance(d.get(sec), dict) and leaf in d[sec]:
-            value = d[sec].pop(leaf)
-            if domain in new:
-                sec2, leaf2 = new[domain].split(".")
-                d.setdefault(sec2, {})[leaf2] = value
+        *path, leaf = old.split(".")
+        parent = d
+        for p in path:  # copy along the path: the caller's nested dicts stay as they were
+            if not isinstance(parent.get(p), dict):
+                break
+            parent[p] = dict(parent[p])
+            parent = parent[p]
+        else:
+            if leaf in parent:
+                value = parent.pop(leaf)
+                if domain in new:
+                    *path2, leaf2 = new[domain].split(".")
+                    target = d
+                    for p in path2:
+                        target[p] = dict(target.get(p) or {})
+                        target = target[p]
+                    target[leaf2] = value
     return d
 
 
@@ -280,6 +293,9 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
                 raise ConfigError(f"{key} must be a mapping of its fields; got {v!r}")
             _apply(cur, v, key + ".")
         elif isinstance(cur, dict) and isinstance(v, dict):
+            for old in (f"{key}.{o}" for o in v):
+                if old in _RENAMED:
+                    raise _renamed(old)
             cur.update(v)  # option mappings merge, so a.options.x=1 keeps a.options.y
         else:
             setattr(obj, k, coerce(v, _hint(type(obj), k), key))

@@ -146,11 +146,11 @@ def methods_table(groups: list[tuple[str, list[Any]]], baseline: str | None = No
         means = [_task_mean(f, metric) for f in fs]
         row: dict[str, Any] = {"setting": label, "runs": [str(r.path) for r in members],
                                "seeds": [r.cfg.seed for r in members], "mean": means,
-                               "tasks": {t: [per_task(f, metric).get(t, {}).get(metric) for f in fs] for t in tasks}}
+                               "tasks": {t: [f.get(f"eval/{metric}/{t}") for f in fs] for t in tasks}}
         cells = [label, str(len(members)), mean_std(means)]
         cells += [mean_std([v for v in row["tasks"][t] if v is not None]) for t in tasks]
         if domain == "rl":
-            scores = np.array([[per_task(f, metric).get(t, {}).get(metric, math.nan) for t in tasks] for f in fs])
+            scores = np.array([[math.nan if v is None else v for v in vs] for vs in zip(*row["tasks"].values())])
             iqm, lo, hi = iqm_ci(scores)
             row["iqm"] = [iqm, lo, hi]
             cells.append(f"{iqm:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if not math.isnan(lo) else " (n=1)"))
