@@ -66,10 +66,12 @@ def _train(args) -> int:
         if kind == "error":
             raise ConfigError(payload)
         cfg, run_dir = config_from_dict(payload), Path(where)
+    finished = False
     try:
         result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+        finished = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(wait=finished)  # after an error another rank may never reach the barrier
     if result and distributed.rank_from_env() == 0:
         print(json.dumps({k: v for k, v in result.items() if "mean" in k or not k.startswith("eval/return")}, indent=1))
     return 0

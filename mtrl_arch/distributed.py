@@ -101,8 +101,13 @@ def init_from_env() -> bool:
     return True
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = False) -> None:
+    """Close the process group. ``wait`` (a run that finished normally): first wait for every rank, since a
+    rank that tears its connections down while another is still at work (rank 0's final evaluation) can
+    abort in gloo's threads ("terminate called without an active exception")."""
     if torch.distributed.is_available() and _dist().is_initialized():
+        if wait:
+            _dist().barrier()
         _dist().destroy_process_group()
 
 
