@@ -204,7 +204,7 @@ class SB3Run:
             raise
         self.model = SB3SingleTask(self.models)
         self.pos = self.n = 0  # per-task env steps: of the chunks done, of the budget
-        self.wall, self.last_eval = 0.0, {}
+        self.last_eval = {}
         T, every = len(tasks), cfg.eval.every_env_steps
         self.every = max(1, every // T) if every else 0  # per task; 0: never
         self.ck = -(-cfg.train.checkpoint_every_env_steps // T)
@@ -251,13 +251,12 @@ class SB3Run:
         return []
 
     def end_period(self, evaluation: dict, means: dict | None) -> dict:
-        """The chunk's speed and the wall time, on evaluation lines."""
+        """The chunk's speed, on evaluation lines (the loop adds the wall time)."""
         self.pos = self.target()
         now, steps = time.perf_counter(), self.progress()
-        self.wall += now - self._t
         rate = (steps - self._steps) / max(now - self._t, 1e-9)
         self._t, self._steps = now, steps
-        return {"time/wall_s": self.wall, "time/env_steps_per_s": rate} if evaluation else {}
+        return {"time/env_steps_per_s": rate} if evaluation else {}
 
     def evaluate(self, stop: Callable[[], None] | None = None, final: bool = False) -> dict[str, float]:
         def act(o: np.ndarray) -> np.ndarray:
@@ -282,8 +281,7 @@ class SB3Run:
         agents = {t: {"zip": _zip(m), "rng": slot["rng"], "action_space_rng": m.action_space.np_random.bit_generator.state,
                       "env": rec.state(), **({"replay": _replay_state(m.replay_buffer)} if replay else {})}
                   for t, m, slot, rec in zip(self.tasks, self.models, self.slots, self.recs)}
-        wall = self.wall + time.perf_counter() - self._t  # the open chunk's time too
-        return {"algo": "sb3_stl", "tasks": list(self.tasks), "pos": self.pos, "wall": wall,
+        return {"algo": "sb3_stl", "tasks": list(self.tasks), "pos": self.pos,
                 "last_eval": self.last_eval, "rng": rng_state(), "agents": agents}
 
     def load_state_dict(self, d: dict) -> None:
@@ -310,7 +308,7 @@ class SB3Run:
             print(f"warning: the checkpoint holds no replay (train.save_replay={self.cfg.train.save_replay}); "
                   f"{', '.join(lost)} collect random steps before updating again (this resume is not exact)",
                   file=sys.stderr)
-        self.pos, self.wall, self.last_eval = d["pos"], d["wall"], d["last_eval"]  # self.model reads self.models
+        self.pos, self.last_eval = d["pos"], d["last_eval"]  # self.model reads self.models
         set_rng_state(d["rng"])  # SAC.load reseeded the process's streams
 
     def save_model(self, path: Path) -> None:

@@ -29,7 +29,7 @@ tasks where every task has the metric, and ``eval/delta_m`` / ``val/delta_m`` (D
 :func:`mtrl_arch.metrics.delta_m`) when a single-task baseline is configured
 (``eval.baseline`` values or ``eval.baseline_run``, an STL run directory);
 ``params/trunk/<kind>`` once the architecture is fixed (``params/search/total`` for the
-search network); ``time/wall_s`` (training time summed over resumed sessions).
+search network); ``time/wall_s`` (the loop's: training time summed over resumed sessions).
 
 Checkpoints every ``train.checkpoint_every_epochs`` epochs (search epochs too), at the end of
 the search and of the run, and on SIGINT/SIGTERM (the loop's rules, :mod:`mtrl_arch.loop`).
@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol
@@ -198,11 +197,9 @@ class SupervisedRun:
         self.epoch = 0             # retrain epochs done
         self.pos = 0               # batches done in the current epoch
         self.val_pos = 0           # held-out batches drawn in the current search epoch
-        self.wall = 0.0
         self.last_eval: dict[str, float] = {}
         self.tree: Tree | None = None
         self._it = self._val = None  # the open epoch's batch streams (None: start them at pos / val_pos)
-        self._t = time.perf_counter()
         self._build(search=self.searching)
         self.search_train, self.search_val = adapter.train, None
         if self.searching and self.method.arch_parameters():
@@ -280,11 +277,6 @@ class SupervisedRun:
                 self.val_pos += 1
                 yield self._shard(b)
 
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        self.wall += now - self._t
-        self._t = now
-
     # ---- the loop's protocol ------------------------------------------------------------------------------
     def _n(self) -> int:
         """Batches in the current epoch."""
@@ -321,7 +313,6 @@ class SupervisedRun:
         return Cadence(log=1, eval=self.cfg.eval.every_epochs, checkpoint=every, eval_at_end=True)
 
     def begin(self, budget: int | None = None) -> None:
-        self._t = time.perf_counter()
         self.net.train()
 
     def train_step(self, stop: Callable | None = None) -> list[dict]:
@@ -373,8 +364,6 @@ class SupervisedRun:
                 self.sched.step()
         if self.combiner.stats.steps:
             rec.update(self.combiner.stats.summary())
-        self._tick()
-        rec["time/wall_s"] = self.wall
         self.pos = self.val_pos = 0
         return rec
 
@@ -431,11 +420,10 @@ class SupervisedRun:
     def state_dict(self) -> dict[str, Any]:
         """Called on every rank (BatchNorm statistics are averaged over them first)."""
         distributed.average_buffers(self.net)
-        self._tick()
         return {"format": RUN_FORMAT, "version": 1, "searching": self.searching,
                 "tree": None if self.tree is None else self.tree.to_dict(),
                 "step": self.step, "search_done": self.search_done, "search_epoch": self.search_epoch,
-                "epoch": self.epoch, "pos": self.pos, "val_pos": self.val_pos, "wall": self.wall, "last_eval": dict(self.last_eval),
+                "epoch": self.epoch, "pos": self.pos, "val_pos": self.val_pos, "last_eval": dict(self.last_eval),
                 "net": self.net.state_dict(), "opt": self.opt.state_dict(),
                 "sched": None if self.sched is None else self.sched.state_dict(),
                 "method": self.method.state_dict() if self.searching else None,
@@ -456,7 +444,7 @@ class SupervisedRun:
         self.combiner.load_state_dict(d["combiner"])
         if self.searching:  # methods' schedules count search steps
             self.method.apply_schedule(d["search_done"])
-        for k in ("step", "search_done", "search_epoch", "epoch", "pos", "val_pos", "wall"):
+        for k in ("step", "search_done", "search_epoch", "epoch", "pos", "val_pos"):
             setattr(self, k, d[k])
         self.last_eval = dict(d["last_eval"])
         self._it = self._val = None

@@ -19,6 +19,12 @@ Regimes (Multi-Fashion+MNIST unless the regime says otherwise; LeNet, Adam 1e-3,
 * ``data``: 1,000 training composites, 60 epochs (trained until the validation accuracy
   stops rising): few data, where sharing should help.
 * ``data_mm`` / ``data_mf``: the ``data`` regime on Multi-MNIST / Multi-Fashion.
+* ``glue``: the five GLUE tasks on the shipped ``glue_*`` configs, a 2-layer d 64 transformer from
+  scratch, every task capped at 8,000 training examples (CoLA keeps all its 7,696: with less, STL's
+  CoLA correlation stays near 0), 6 epochs of 250 batches; rows stl, hps, conal, conal_margin,
+  hps_pcgrad (the Multi-* rows whose configs GLUE has; DATA_ROOT holds ``glue/``).
+* ``mt10``: the README's main job ``mt10_quick`` (4 MT10 tasks, 80,000 env steps) with
+  ``arch.method`` stl, hps or conal (5,000 search vector steps inside the same budget).
 
 Searches run on the search-training share (80% of the training composites) for about one
 epoch's worth of steps (``data``: 20 epochs' worth), the architecture learning rate 1e-2;
@@ -40,37 +46,53 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "methods"
 
-COMMON = ["model.backbone=lenet", "train.optimizer=adam", "train.lr=0.001", "train.weight_decay=0", "train.lr_milestones=[]",
-          "train.batch_size=128", "eval.batch_size=1000", "train.threads=1", "wandb.mode=disabled"]
-# regime -> (overrides, search steps: one pass over the 80% search-training share, or as stated)
+LENET = ["model.backbone=lenet", "train.optimizer=adam", "train.lr=0.001", "train.weight_decay=0", "train.lr_milestones=[]",
+         "train.batch_size=128", "eval.batch_size=1000"]
+# GLUE: the shipped glue_* configs at a budget where STL learns every task on this CPU (a 2-layer d 64
+# transformer, every task capped at 8,000 training examples, so CoLA keeps all of its 7,696)
+GLUE = ["model.options.d_model=64", "model.options.d_ff=128", "model.options.n_layers=2", "train.lr=0.001",
+        "data.options.train_subset=8000", "train.checkpoint_every_epochs=1"]
+COMMON = ["train.threads=1", "wandb.mode=disabled"]
+# regime -> (config family, overrides, search steps: one pass over the 80% search-training share, or as stated)
 REGIMES = {
-    "capacity": (["data.options.train_subset=20000", "train.epochs=3", "eval.every_epochs=3"], 125),
-    "wide": (["model.options.width=2", "data.options.train_subset=10000", "train.epochs=3", "eval.every_epochs=3"], 63),
-    "data": (["data.options.train_subset=1000", "train.epochs=60", "eval.every_epochs=60"], 120),
-    "data_mm": (["data.name=multi_mnist", "data.options.train_subset=1000", "train.epochs=60", "eval.every_epochs=60"], 120),
-    "data_mf": (["data.name=multi_fashion", "data.options.train_subset=1000", "train.epochs=60", "eval.every_epochs=60"], 120),
+    "capacity": ("multi_fashion_mnist", LENET + ["data.options.train_subset=20000", "train.epochs=3", "eval.every_epochs=3"], 125),
+    "wide": ("multi_fashion_mnist", LENET + ["model.options.width=2", "data.options.train_subset=10000", "train.epochs=3",
+                                             "eval.every_epochs=3"], 63),
+    "data": ("multi_fashion_mnist", LENET + ["data.options.train_subset=1000", "train.epochs=60", "eval.every_epochs=60"], 120),
+    "data_mm": ("multi_fashion_mnist", LENET + ["data.name=multi_mnist", "data.options.train_subset=1000", "train.epochs=60",
+                                                "eval.every_epochs=60"], 120),
+    "data_mf": ("multi_fashion_mnist", LENET + ["data.name=multi_fashion", "data.options.train_subset=1000", "train.epochs=60",
+                                                "eval.every_epochs=60"], 120),
+    "glue": ("glue", GLUE + ["train.epochs=6", "eval.every_epochs=6"], 250),
+    # the README's main job (4 MT10 tasks, 80k env steps); a search's steps count in that budget
+    "mt10": ("mt10_quick", [], 5000),
 }
+# MT10 rows: the methods on mt10_quick; CoNAL's alpha at lr 1e-3 for 5,000 vector steps (about 5 logits)
+MT10_ROWS = {"stl": ["arch.method=stl"], "hps": [],
+             "conal": ["arch.method=conal", "arch.search_steps=5000", "arch.options.lr=1e-3"]}
 TITLES = {"capacity": "Multi-Fashion+MNIST, capacity-limited (LeNet, 20,000 composites, 3 epochs)",
           "wide": "Multi-Fashion+MNIST, a 2x wider LeNet (10,000 composites, 3 epochs)",
           "data": "Multi-Fashion+MNIST, data-limited (LeNet, 1,000 composites, 60 epochs)",
           "data_mm": "Multi-MNIST, data-limited (LeNet, 1,000 composites, 60 epochs)",
-          "data_mf": "Multi-Fashion, data-limited (LeNet, 1,000 composites, 60 epochs)"}
+          "data_mf": "Multi-Fashion, data-limited (LeNet, 1,000 composites, 60 epochs)",
+          "glue": "GLUE, five tasks (2-layer transformer d 64 from scratch, <= 8,000 examples per task, 6 epochs)",
+          "mt10": "MT10 quick (mt10_quick: reach, drawer-close, window-open, window-close; 80,000 env steps, MT-SAC 2x256)"}
 
 
-def rows(steps: int) -> dict[str, tuple[str, list[str]]]:
-    """row -> (config, overrides); ``steps``: the search's steps."""
+def rows(steps: int, family: str = "multi_fashion_mnist") -> dict[str, tuple[str, list[str]]]:
+    """row -> (config, overrides); ``steps``: the search's steps. A row whose config the family lacks is not run."""
     search = [f"arch.search_steps={steps}", "arch.options.lr=0.01"]
     return {
-        "stl": ("multi_fashion_mnist_stl", []),
-        "hps": ("multi_fashion_mnist_hps", []),
-        "hps_pcgrad": ("multi_fashion_mnist_hps", ["weighting=pcgrad"]),
-        "conal": ("multi_fashion_mnist_conal", search),
-        "conal_margin": ("multi_fashion_mnist_conal", search + ["arch.derive=margin", "arch.derive_margin=0.2"]),
-        "conal_budget": ("multi_fashion_mnist_conal", search + ["arch.max_params=0.95*stl"]),
-        "conal_pro": ("multi_fashion_mnist_conal_pro", [f"arch.search_steps={steps - steps % 3}",
-                                                        f"arch.options.steps_per_stage={steps // 3}", "arch.options.lr=0.01"]),
-        "recon": ("multi_fashion_mnist_recon", [f"arch.search_steps={steps}", "arch.options.fraction=0", "arch.options.k=1"]),
-        "ltb": ("multi_fashion_mnist_ltb", [f"arch.search_steps={steps}", f"arch.options.total_steps={steps}"]),
+        "stl": (f"{family}_stl", []),
+        "hps": (f"{family}_hps", []),
+        "hps_pcgrad": (f"{family}_hps", ["weighting=pcgrad"]),
+        "conal": (f"{family}_conal", search),
+        "conal_margin": (f"{family}_conal", search + ["arch.derive=margin", "arch.derive_margin=0.2"]),
+        "conal_budget": (f"{family}_conal", search + ["arch.max_params=0.95*stl"]),
+        "conal_pro": (f"{family}_conal_pro", [f"arch.search_steps={steps - steps % 3}",
+                                              f"arch.options.steps_per_stage={steps // 3}", "arch.options.lr=0.01"]),
+        "recon": (f"{family}_recon", [f"arch.search_steps={steps}", "arch.options.fraction=0", "arch.options.k=1"]),
+        "ltb": (f"{family}_ltb", [f"arch.search_steps={steps}", f"arch.options.total_steps={steps}"]),
     }
 
 
@@ -80,12 +102,18 @@ def stl_trunk_params(width: int) -> int:
     return 2 * ((81 * c1 + c1) + (25 * c1 * c2 + c2) + (25 * c2 * f + f))
 
 
-def overrides_for(regime: str, row: str, root: str, cache: Path) -> tuple[str, list[str]]:
-    ov, steps = REGIMES[regime]
-    config, extra = rows(steps)[row]
+def overrides_for(regime: str, row: str, root: str, cache: Path) -> tuple[str, list[str]] | None:
+    """(config, overrides) of one row in one regime, or None where the regime's family has no such row."""
+    family, ov, steps = REGIMES[regime]
+    if family == "mt10_quick":
+        return (family, [*COMMON, *MT10_ROWS[row]]) if row in MT10_ROWS else None
+    config, extra = rows(steps, family)[row]
+    if not (REPO / "configs" / f"{config}.yaml").is_file() or (family != "multi_fashion_mnist" and row == "conal_budget"):
+        return None  # conal_budget's 95% of STL is counted for LeNet only
     width = next((int(o.split("=")[1]) for o in ov if o.startswith("model.options.width=")), 1)
     extra = [o.replace("0.95*stl", str(int(0.95 * stl_trunk_params(width)))) for o in extra]
-    return config, [f"data.root={root}", f"data.options.cache_dir={cache}", *COMMON, *ov, *extra]
+    data = [f"data.root={root}"] + ([f"data.options.cache_dir={cache}"] if family == "multi_fashion_mnist" else [])
+    return config, [*data, *COMMON, *ov, *extra]
 
 
 def train(run_dir: Path, config: str, overrides: list[str], seed: int) -> tuple[str, int, float]:
@@ -118,7 +146,7 @@ def table(regime: str, out: Path, row_names: list[str]) -> None:
     text, data = methods_table(groups, baseline="stl" if any(g == "stl" for g, _ in groups) else None)
     vers = {p: metadata.version(p) for p in ("mtrl-arch", "torch", "numpy", "scipy")}
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    config, ov = overrides_for(regime, "conal", "DATA_ROOT", Path("CACHE"))
+    config, ov = overrides_for(regime, "conal", "DATA_ROOT", Path("CACHE")) or overrides_for(regime, "stl", "DATA_ROOT", Path("CACHE"))
     footer = (f"Machine: {platform.processor() or platform.machine()}, 2 cores shared with other jobs, torch threads 1 "
               f"per run, {platform.platform()}. Versions: " + ", ".join(f"{k} {v}" for k, v in vers.items())
               + f", Python {platform.python_version()}; table made at commit {git}. Runs: `python benchmarks/methods_table.py "
@@ -149,8 +177,9 @@ def main() -> None:
             for regime in regimes:
                 for row in row_names:
                     (out / regime).mkdir(parents=True, exist_ok=True)
-                    config, ov = overrides_for(regime, row, a.data_root, out / "cache")
-                    jobs.append((out / regime / f"{row}-s{seed}", config, ov, seed))
+                    which = overrides_for(regime, row, a.data_root, out / "cache")
+                    if which:
+                        jobs.append((out / regime / f"{row}-s{seed}", *which, seed))
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(lambda j: train(*j), jobs))
     for regime in regimes:

@@ -200,7 +200,7 @@ def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress:
             run.learn()
             if not run.stopped_by and not learner.last_eval:  # e.g. train.epochs=0: evaluate what was derived
                 run.final_evaluate()
-        out = {**learner.last_eval, **learner.param_counts(), "time/wall_s": learner.wall}
+        out = {**learner.last_eval, **learner.param_counts(), "time/wall_s": run.wall_s()}
         if not run.stopped_by and main:
             learner.save_model(run_dir / "model.pt")
             logger.summary(out)

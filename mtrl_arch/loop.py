@@ -4,7 +4,8 @@ A :class:`Run` drives a *learner* (duck-typed: ``RLRun``, MT-SAC, in :mod:`mtrl_
 ``SupervisedRun`` in :mod:`mtrl_arch.agents.supervised`; ``SB3Run`` in :mod:`mtrl_arch.agents.sb3_baseline`;
 the regression in ``tests/test_loop.py``) and owns what they share: cadence, SIGINT/SIGTERM, checkpoints,
 resume, the non-finite check, the log window, the data-parallel stop agreement, the progress bar, callbacks
-and the final evaluation. It never names a domain or a method.
+the final evaluation and the training's wall time (``time/wall_s`` on every line: seconds inside ``learn`` and
+the final evaluation, summed over resumed sessions). It never names a domain or a method.
 
 ``progress()`` counts the learner's ``unit`` (env steps, optimisation steps): the log's x axis, a checkpoint's
 step. Cadence counts *periods*: runs of ``train_step()`` that end where the learner says (RL: a vector step;
@@ -37,6 +38,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +118,23 @@ class Run:
         self.window = Window()
         self._saved_at = -1
         self._signals_on = False
+        self.wall = 0.0                  # seconds of closed sessions of learn / final_evaluate
+        self._since: float | None = None  # the open session's start
+
+    def wall_s(self) -> float:
+        """Seconds spent training and evaluating, summed over this run's sessions (a resumed run's included)."""
+        return self.wall + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    @contextmanager
+    def _clock(self):
+        outer = self._since is None  # nests (final_evaluate inside a learner's own loop)
+        if outer:
+            self._since = time.perf_counter()
+        try:
+            yield
+        finally:
+            if outer:
+                self.wall, self._since = self.wall_s(), None
 
     # ---- stopping ------------------------------------------------------------------------------------------
     @contextmanager
@@ -173,7 +192,7 @@ class Run:
     def state_dict(self) -> dict:
         pos = self.logger.position() if self.logger is not None and hasattr(self.logger, "position") else None
         return {**self.learner.state_dict(), "final_eval_done": self.final_eval_done, "logger_pos": pos,
-                "window": self.window.state_dict(), "meta": resume_key(self.cfg)}
+                "window": self.window.state_dict(), "wall": self.wall_s(), "meta": resume_key(self.cfg)}
 
     def save(self) -> None:
         """Checkpoint now; refused with NonFiniteError when a loss or parameter is not finite."""
@@ -200,6 +219,7 @@ class Run:
                               f"mtrl-arch version ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
         self.final_eval_done = d.get("final_eval_done", False)
         self.window.load_state_dict(d.get("window"))
+        self.wall = float(d.get("wall", 0.0))
         if self.logger is not None and d.get("logger_pos") is not None and hasattr(self.logger, "rewind"):
             self.logger.rewind(d["logger_pos"])  # lines logged after the checkpoint are logged again
         self._saved_at = self.learner.progress()
@@ -229,7 +249,7 @@ class Run:
         bar = progress_bar(self.progress, L.total(), L.progress(), L.unit)
         shown = L.progress()
         stop = self._stopper(agreed=False)  # for a learner whose step is long (SB3's learn): it may end early there
-        with self.signals(), distributed.sync_other_optimizers():
+        with self.signals(), self._clock(), distributed.sync_other_optimizers():
             while True:
                 if L.period_pending():
                     if not self._end_period(bar):
@@ -272,6 +292,8 @@ class Run:
                 self.stopped_by = self.flag.get("stop") or self.stopped_by
                 return False
         rec = {**L.end_period(ev, self.window.means() if regular or last else None), **ev}
+        if rec:
+            rec["time/wall_s"] = self.wall_s()
         if regular:  # a budget's last period between two lines keeps the window open: a run resumed with a larger
             self.window.records.clear()  # budget logs the windows of an uninterrupted run
         if rec and self.logger is not None:
@@ -301,7 +323,7 @@ class Run:
             return None
         if self.final_eval_done:
             return self.learner.last_eval
-        with self.signals():
+        with self.signals(), self._clock():
             try:
                 out = self._evaluate(interruptible=True, final=True)
             except StopRequested:
@@ -309,7 +331,7 @@ class Run:
                 self._report_stop()
                 return None
             if self.logger is not None:
-                self.logger.log(out, self.learner.progress())
+                self.logger.log({**out, "time/wall_s": self.wall_s()}, self.learner.progress())
             self.final_eval_done = True
             self.save()
         return out

@@ -19,6 +19,11 @@ from mtrl_arch.loop import Cadence, Run, find_resume
 PERIOD = 4  # steps per period
 
 
+def lines(run_dir: Path) -> list[dict]:
+    """metrics.jsonl less the wall time (``time/wall_s``), which no two runs share."""
+    return [{k: v for k, v in r.items() if k != "time/wall_s"} for r in read_metrics(run_dir)]
+
+
 class Regression:
     """Two tasks y_t = x . w_t, one shared linear layer with a head per task; SGD on fresh random batches."""
     unit, eval_everywhere = "step", True
@@ -138,7 +143,12 @@ def test_a_stop_saves_and_a_resume_ends_bit_for_bit_as_an_uninterrupted_run(cfg,
     resumed.learn()
     for k, v in S.model.state_dict().items():
         assert torch.equal(v, R.model.state_dict()[k])
-    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
+    assert lines(tmp_path / "a") == lines(tmp_path / "b")
+    # the wall time is on every line and goes on across the resume: the resumed session adds to the first's
+    walls = [r["time/wall_s"] for r in read_metrics(tmp_path / "b")]
+    assert len(walls) == len(read_metrics(tmp_path / "b")) and walls == sorted(walls) and walls[0] > 0
+    assert resumed.wall_s() >= part.wall_s() > 0
+    assert C.read_checkpoint(C.checkpoint_path(tmp_path / "b" / "checkpoints", 24))[1]["wall"] >= part.wall_s()
 
 
 def test_a_non_finite_step_raises_and_keeps_the_last_good_checkpoint(cfg, tmp_path):
@@ -168,5 +178,5 @@ def test_a_stop_during_an_evaluation_abandons_it_and_the_resume_evaluates_again(
     resumed, R = make(cfg, tmp_path / "b", periods=4, cadence=Cadence(log=1, eval=2))
     resumed.restore(find_resume(tmp_path / "b"))
     resumed.learn()
-    assert read_metrics(tmp_path / "a") == read_metrics(tmp_path / "b")
+    assert lines(tmp_path / "a") == lines(tmp_path / "b")
     assert R.last_eval == S.last_eval
