@@ -3,8 +3,9 @@
 One row per setting (runs grouped as :func:`mtrl_arch.report.group_runs` does: same config
 but the seed), from the run directories alone:
 
-* the headline metric's last evaluation (supervised: the task mean of the first metric;
-  RL: the mean success rate), mean ± sample std over seeds, and each task's;
+* the headline metric's last evaluation (supervised: the task mean of the first metric, or,
+  where the tasks have different metrics (GLUE), of each task's first; RL: the mean success
+  rate), mean ± sample std over seeds, and each task's;
 * Delta_m (LibMTL's definition, :func:`mtrl_arch.metrics.delta_m`) of each seed against the
   baseline setting's seed mean, then mean ± std over seeds (supervised; RL success rates
   of 0 make it undefined, so RL rows get the IQM below instead);
@@ -101,19 +102,27 @@ def _wall(records: Sequence[Mapping[str, Any]]) -> float | None:
     return max(walls) if walls else None
 
 
-def _task_mean(final: Mapping[str, float], metric: str) -> float:
-    """The run's own ``eval/<metric>/mean``, else the mean over its tasks."""
-    if f"eval/{metric}/{MEAN}" in final:
-        return final[f"eval/{metric}/{MEAN}"]
-    vals = [m[metric] for m in per_task(final, metric).values()]
+def _task_mean(final: Mapping[str, float], metrics: Mapping[str, str]) -> float:
+    """The run's own ``eval/<metric>/mean`` when every task has ``metric``, else the mean over tasks of each
+    task's headline metric."""
+    names = set(metrics.values())
+    if len(names) == 1 and f"eval/{next(iter(names))}/{MEAN}" in final:
+        return final[f"eval/{next(iter(names))}/{MEAN}"]
+    vals = [final[f"eval/{m}/{t}"] for t, m in metrics.items() if f"eval/{m}/{t}" in final]
     return float(np.mean(vals)) if vals else math.nan
 
 
-def _headline(domain: str, finals: list[dict[str, float]]) -> str:
+def _headline(domain: str, finals: list[dict[str, float]]) -> dict[str, str]:
+    """task -> its headline metric: RL's success rate; supervised: the first metric every task has, else each
+    task's first (GLUE: CoLA's mcc, SST-2's accuracy, MRPC's f1 ...)."""
     if domain == "rl":
-        return "success_rate"
-    names = [k.split("/")[1] for f in finals for k in f if k.count("/") == 2]
-    return names[0] if names else ""
+        return {t: "success_rate" for f in finals for t in per_task(f, "success_rate")}
+    tasks: dict[str, list[str]] = {}
+    for f in finals:
+        for t, ms in per_task(f).items():
+            tasks.setdefault(t, [m for m in ms])
+    common = [m for m in next(iter(tasks.values()), []) if all(m in ms for ms in tasks.values())]
+    return {t: common[0] if common else ms[0] for t, ms in tasks.items()}
 
 
 def methods_table(groups: list[tuple[str, list[Any]]], baseline: str | None = None,
@@ -128,8 +137,10 @@ def methods_table(groups: list[tuple[str, list[Any]]], baseline: str | None = No
         raise ConfigError("no runs to tabulate")
     domain = runs[0].cfg.domain
     finals = {id(r): final_eval(r.metrics) for r in runs}
-    metric = _headline(domain, list(finals.values()))
-    tasks = list(dict.fromkeys(t for f in finals.values() for t in per_task(f, metric)))
+    metrics = _headline(domain, list(finals.values()))
+    tasks = list(metrics)
+    one = len(set(metrics.values())) == 1
+    metric = next(iter(metrics.values()), "") if one else "first metric per task"
     base = _baseline_group(groups, baseline)
     base_mean = None
     if base is not None and domain != "rl":
@@ -137,16 +148,16 @@ def methods_table(groups: list[tuple[str, list[Any]]], baseline: str | None = No
         base_mean = {t: {m: float(np.mean([v[t][m] for v in vals if t in v and m in v[t]])) for m in vals[0][t]}
                      for t in vals[0]} if vals and vals[0] else None
     rows, lines = [], []
-    head = ["setting", "seeds", f"{metric} (mean over tasks)", *tasks]
+    head = ["setting", "seeds", f"{metric} (mean over tasks)", *(t if one else f"{t} {metrics[t]}" for t in tasks)]
     head += ["IQM [95% CI]"] if domain == "rl" else ["Delta_m % vs " + (base[0] if base else "-")]
     head += ["params: shared / specific / total", "wall s", "derived trees (per seed)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, members in groups:
         fs = [finals[id(r)] for r in members]
-        means = [_task_mean(f, metric) for f in fs]
+        means = [_task_mean(f, metrics) for f in fs]
         row: dict[str, Any] = {"setting": label, "runs": [str(r.path) for r in members],
                                "seeds": [r.cfg.seed for r in members], "mean": means,
-                               "tasks": {t: [f.get(f"eval/{metric}/{t}") for f in fs] for t in tasks}}
+                               "tasks": {t: [f.get(f"eval/{metrics[t]}/{t}") for f in fs] for t in tasks}}
         cells = [label, str(len(members)), mean_std(means)]
         cells += [mean_std([v for v in row["tasks"][t] if v is not None]) for t in tasks]
         if domain == "rl":
@@ -174,7 +185,7 @@ def methods_table(groups: list[tuple[str, list[Any]]], baseline: str | None = No
             + ("IQM: interquartile mean of all (seed, task) success rates, 95% percentile bootstrap over seeds. "
                if domain == "rl" else f"Delta_m: each seed against the mean of `{base[0]}`'s seeds. " if base_mean else "")
             + "Trees: one letter per stage (S shared, P per task, G sub-groups, - skipped).")
-    return "\n".join(lines) + "\n\n" + note + "\n", {"metric": metric, "tasks": tasks,
+    return "\n".join(lines) + "\n\n" + note + "\n", {"metric": metric if one else metrics, "tasks": tasks,
                                                      "baseline": base[0] if base else None, "rows": rows}
 
 

@@ -65,6 +65,25 @@ def test_rl_rows_report_the_iqm_with_a_bootstrap_interval_over_seeds() -> None:
     assert "IQM" in text and "Delta_m" not in text.splitlines()[0]
 
 
+def test_tasks_with_different_metrics_head_with_each_tasks_first_metric() -> None:
+    """GLUE-like: CoLA has mcc, MRPC f1 then accuracy; the headline is each task's first, Delta_m uses every metric."""
+    def glue(method: str, seed: int, mcc: float, f1: float, acc: float):
+        r = run(method, seed, (0.0, 0.0))
+        r.metrics[-1] = {"step": 10, "eval/mcc/CoLA": mcc, "eval/f1/MRPC": f1, "eval/accuracy/MRPC": acc}
+        return r
+
+    stl = [glue("stl", 0, 0.10, 0.80, 0.70), glue("stl", 1, 0.20, 0.80, 0.70)]
+    hps = [glue("hps", 0, 0.075, 0.88, 0.70)]
+    text, data = methods_table([("stl", stl), ("hps", hps)])
+    assert data["metric"] == {"CoLA": "mcc", "MRPC": "f1"}
+    assert "| CoLA mcc | MRPC f1 |" in text.splitlines()[0]
+    rows = {r["setting"]: r for r in data["rows"]}
+    np.testing.assert_allclose(rows["stl"]["mean"], [0.45, 0.50])  # (0.10 + 0.80) / 2, (0.20 + 0.80) / 2
+    # Delta_m over every metric against the STL seed mean (0.15; 0.80, 0.70), per task first (LibMTL's):
+    # (CoLA -50% + MRPC (+10% + 0%) / 2) / 2
+    np.testing.assert_allclose(rows["hps"]["delta_m"], [-22.5], atol=1e-9)
+
+
 def test_tree_codes() -> None:
     assert tree_code(Tree.hps(TASKS, 3)) == "SSS"
     assert tree_code(Tree.stl(TASKS, 2)) == "PP"
