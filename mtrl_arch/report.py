@@ -34,7 +34,7 @@ from typing import Any
 from .config import Config, ConfigError, load_yaml_text
 from .logger import read_metrics
 from .run import read_arch, read_run_config
-from .table import methods_table
+from .table import final_eval, headline_metrics, methods_table
 from .tree import Tree
 
 # config fields that do not change what a run learns: ignored when grouping runs into seeds of one setting
@@ -386,18 +386,30 @@ def plot_trees(run: RunData, path: Path) -> Path | None:
 
 
 # ---- summary ---------------------------------------------------------------------------------------
-def _headline(run: RunData) -> str:
-    return "success_rate" if run.cfg.domain == "rl" else next(iter(run.curves), "")
+def _headline(runs: list[RunData]) -> dict[str, str]:
+    """task -> the metric that heads the summary (:func:`mtrl_arch.table.headline_metrics`: GLUE's tasks each
+    have their own); before any evaluation, the first logged metric's tasks."""
+    metrics = headline_metrics(runs[0].cfg.domain, [final_eval(r.metrics) for r in runs])
+    if metrics:
+        return metrics
+    first = "success_rate" if runs[0].cfg.domain == "rl" else next(iter(runs[0].curves), "")
+    return {t: first for t in _tasks(runs, first)} or {_MEAN: first}
 
 
-def _final(run: RunData, metric: str) -> dict[str, float]:
-    """The last evaluation's values of ``metric`` per task (and the mean)."""
-    c = run.curves.get(metric, {})
-    out = {t: pts[-1][1] for t, pts in c.items() if pts}
-    if c and _MEAN not in out:
-        tm = _task_mean(c)
-        if tm:
-            out[_MEAN] = tm[-1][1]
+def _final(run: RunData, metrics: dict[str, str]) -> dict[str, float]:
+    """The last evaluation's value of each task's headline metric (and their mean)."""
+    names = set(metrics.values())
+    if len(names) == 1:  # the run's own task mean where it logs one
+        c = run.curves.get(next(iter(names)), {})
+        out = {t: pts[-1][1] for t, pts in c.items() if pts}
+        if c and _MEAN not in out:
+            tm = _task_mean(c)
+            if tm:
+                out[_MEAN] = tm[-1][1]
+        return out
+    out = {t: run.curves[m][t][-1][1] for t, m in metrics.items() if run.curves.get(m, {}).get(t)}
+    if out and len(out) == len(metrics):
+        out[_MEAN] = sum(out.values()) / len(out)
     return out
 
 
@@ -432,15 +444,19 @@ def _arch_summary(run: RunData) -> str:
 
 def summary(groups: list[tuple[str, list[RunData]]]) -> tuple[str, dict[str, Any]]:
     runs = [r for _, g in groups for r in g]
-    metric = _headline(runs[0])
-    tasks = _tasks(runs, metric)
+    metrics = _headline(runs)
+    one = len(set(metrics.values())) == 1
+    metric = next(iter(metrics.values())) if one else "first metric per task"
+    tasks = _tasks(runs, metric) if one else list(metrics)
+    what = f"`eval/{metric}`" if one else "each task's first `eval/` metric"
     lines = [f"# Report: {len(runs)} run(s), {len(groups)} setting(s)", "",
-             f"Final `eval/{metric}` (last evaluation of each run), mean ± std over seeds.", "",
-             "| setting | seeds | mean | " + " | ".join(tasks) + " | env/data steps |",
+             f"Final {what} (last evaluation of each run), mean ± std over seeds.", "",
+             "| setting | seeds | mean | " + " | ".join(t if one else f"{t} {metrics[t]}" for t in tasks)
+             + " | env/data steps |",
              "|---|---|---|" + "---|" * len(tasks) + "---|"]
-    data: dict[str, Any] = {"metric": metric, "groups": [], "runs": []}
+    data: dict[str, Any] = {"metric": metric if one else metrics, "groups": [], "runs": []}
     for label, members in groups:
-        finals = [_final(r, metric) for r in members]
+        finals = [_final(r, metrics) for r in members]
         cells = [_mean_std([f[t] for f in finals if t in f]) for t in [_MEAN, *tasks]]
         steps = max((r.metrics[-1]["step"] for r in members if r.metrics), default=0)
         lines.append(f"| {label} | {len(members)} | " + " | ".join(cells) + f" | {steps:,} |")
@@ -448,7 +464,7 @@ def summary(groups: list[tuple[str, list[RunData]]]) -> tuple[str, dict[str, Any
                                "final": {t: [f.get(t) for f in finals] for t in [_MEAN, *tasks]}})
     lines += ["", "| run | seed | mean | steps | parameters | architecture |", "|---|---|---|---|---|---|"]
     for r in runs:
-        f = _final(r, metric)
+        f = _final(r, metrics)
         steps = r.metrics[-1]["step"] if r.metrics else 0
         m = f"{f[_MEAN]:.3f}" if _MEAN in f else "-"
         lines.append(f"| {r.name} | {r.cfg.seed} | {m} | {steps:,} | {_params(r)} | {_arch_summary(r)} |")

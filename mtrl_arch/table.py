@@ -112,7 +112,7 @@ def _task_mean(final: Mapping[str, float], metrics: Mapping[str, str]) -> float:
     return float(np.mean(vals)) if vals else math.nan
 
 
-def _headline(domain: str, finals: list[dict[str, float]]) -> dict[str, str]:
+def headline_metrics(domain: str, finals: list[dict[str, float]]) -> dict[str, str]:
     """task -> its headline metric: RL's success rate; supervised: the first metric every task has, else each
     task's first (GLUE: CoLA's mcc, SST-2's accuracy, MRPC's f1 ...)."""
     if domain == "rl":
@@ -137,7 +137,7 @@ def methods_table(groups: list[tuple[str, list[Any]]], baseline: str | None = No
         raise ConfigError("no runs to tabulate")
     domain = runs[0].cfg.domain
     finals = {id(r): final_eval(r.metrics) for r in runs}
-    metrics = _headline(domain, list(finals.values()))
+    metrics = headline_metrics(domain, list(finals.values()))
     tasks = list(metrics)
     one = len(set(metrics.values())) == 1
     metric = next(iter(metrics.values()), "") if one else "first metric per task"

@@ -105,6 +105,20 @@ def test_supervised_metrics_and_search_not_finished(tmp_path):
     assert "Final `eval/accuracy`" in md and "| 0.750 | 0.800 | 0.700 |" in md
 
 
+def test_tasks_with_their_own_metrics_are_summarised_by_each_tasks_first(tmp_path):
+    """GLUE: CoLA logs mcc, MRPC f1 and accuracy; the summary heads each task with its first metric."""
+    cfg = load_config("glue_stl", [f"run_dir={tmp_path / 'glue'}", "data.tasks=[CoLA,MRPC]"])
+    d = Path(cfg.run_dir)
+    write_run_info(d, cfg)
+    lg = Logger(d, None)
+    lg.log({"eval/mcc/CoLA": 0.1, "eval/f1/MRPC": 0.7, "eval/accuracy/MRPC": 0.6}, 1)
+    lg.log({"eval/mcc/CoLA": 0.2, "eval/f1/MRPC": 0.8, "eval/accuracy/MRPC": 0.7}, 2)
+    lg.close()
+    md = (make_report([d], tmp_path / "rep") / "summary.md").read_text()
+    assert "| mean | CoLA mcc | MRPC f1 |" in md
+    assert "| 0.500 | 0.200 | 0.800 |" in md  # the mean of the tasks' last values: (0.2 + 0.8) / 2
+
+
 def test_not_a_run_directory(tmp_path, capsys):
     with pytest.raises(ConfigError, match="expected a folder with config.yaml and metrics.jsonl"):
         make_report([tmp_path / "nothing"])
