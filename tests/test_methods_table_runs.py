@@ -43,7 +43,7 @@ def test_every_row_of_every_regime_resolves(regime: str, tmp_path: Path, capsys)
             assert cfg["data"]["root"] == str(tmp_path)
         if row == "hps_pcgrad":
             assert cfg["weighting"]["method"] == "pcgrad"
-    # every regime has the Delta_m baseline and the two hand-designed rows
+    # every regime has the Delta_m baseline (stl), hard sharing and CoNAL
     assert {"stl", "hps", "conal"} <= set(ran)
 
 
