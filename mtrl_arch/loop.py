@@ -127,7 +127,7 @@ class Run:
 
     @contextmanager
     def _clock(self):
-        outer = self._since is None  # nests (final_evaluate inside a learner's own loop)
+        outer = self._since is None  # nests (e.g. a callback's final_evaluate during learn): no second counted twice
         if outer:
             self._since = time.perf_counter()
         try:

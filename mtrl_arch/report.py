@@ -34,7 +34,7 @@ from typing import Any
 from .config import Config, ConfigError, load_yaml_text
 from .logger import read_metrics
 from .run import read_arch, read_run_config
-from .table import final_eval, headline_metrics, methods_table
+from .table import final_eval, headline_columns, headline_metrics, methods_table
 from .tree import Tree
 
 # config fields that do not change what a run learns: ignored when grouping runs into seeds of one setting
@@ -445,16 +445,16 @@ def _arch_summary(run: RunData) -> str:
 def summary(groups: list[tuple[str, list[RunData]]]) -> tuple[str, dict[str, Any]]:
     runs = [r for _, g in groups for r in g]
     metrics = _headline(runs)
-    one = len(set(metrics.values())) == 1
-    metric = next(iter(metrics.values())) if one else "first metric per task"
-    tasks = _tasks(runs, metric) if one else list(metrics)
-    what = f"`eval/{metric}`" if one else "each task's first `eval/` metric"
+    metric, headers = headline_columns(metrics)
+    tasks = _tasks(runs, metric) if metric else list(metrics)
+    if metric:
+        headers = tasks
+    what = f"`eval/{metric}`" if metric else "each task's first `eval/` metric"
     lines = [f"# Report: {len(runs)} run(s), {len(groups)} setting(s)", "",
              f"Final {what} (last evaluation of each run), mean ± std over seeds.", "",
-             "| setting | seeds | mean | " + " | ".join(t if one else f"{t} {metrics[t]}" for t in tasks)
-             + " | env/data steps |",
+             "| setting | seeds | mean | " + " | ".join(headers) + " | env/data steps |",
              "|---|---|---|" + "---|" * len(tasks) + "---|"]
-    data: dict[str, Any] = {"metric": metric if one else metrics, "groups": [], "runs": []}
+    data: dict[str, Any] = {"metric": metric or metrics, "groups": [], "runs": []}
     for label, members in groups:
         finals = [_final(r, metrics) for r in members]
         cells = [_mean_std([f[t] for f in finals if t in f]) for t in [_MEAN, *tasks]]

@@ -120,9 +120,18 @@ def headline_metrics(domain: str, finals: list[dict[str, float]]) -> dict[str, s
     tasks: dict[str, list[str]] = {}
     for f in finals:
         for t, ms in per_task(f).items():
-            tasks.setdefault(t, [m for m in ms])
+            tasks.setdefault(t, list(ms))
     common = [m for m in next(iter(tasks.values()), []) if all(m in ms for ms in tasks.values())]
     return {t: common[0] if common else ms[0] for t, ms in tasks.items()}
+
+
+def headline_columns(metrics: Mapping[str, str]) -> tuple[str | None, list[str]]:
+    """The one metric every task is headed by (None where each task has its own) and the task columns' headers
+    (``CoLA mcc`` where the metrics differ)."""
+    names = set(metrics.values())
+    if len(names) == 1:
+        return next(iter(names)), list(metrics)
+    return None, [f"{t} {m}" for t, m in metrics.items()]
 
 
 def methods_table(groups: list[tuple[str, list[Any]]], baseline: str | None = None,
@@ -139,8 +148,7 @@ def methods_table(groups: list[tuple[str, list[Any]]], baseline: str | None = No
     finals = {id(r): final_eval(r.metrics) for r in runs}
     metrics = headline_metrics(domain, list(finals.values()))
     tasks = list(metrics)
-    one = len(set(metrics.values())) == 1
-    metric = next(iter(metrics.values()), "") if one else "first metric per task"
+    metric, headers = headline_columns(metrics)
     base = _baseline_group(groups, baseline)
     base_mean = None
     if base is not None and domain != "rl":
@@ -148,7 +156,7 @@ def methods_table(groups: list[tuple[str, list[Any]]], baseline: str | None = No
         base_mean = {t: {m: float(np.mean([v[t][m] for v in vals if t in v and m in v[t]])) for m in vals[0][t]}
                      for t in vals[0]} if vals and vals[0] else None
     rows, lines = [], []
-    head = ["setting", "seeds", f"{metric} (mean over tasks)", *(t if one else f"{t} {metrics[t]}" for t in tasks)]
+    head = ["setting", "seeds", f"{metric or 'first metric per task'} (mean over tasks)", *headers]
     head += ["IQM [95% CI]"] if domain == "rl" else ["Delta_m % vs " + (base[0] if base else "-")]
     head += ["params: shared / specific / total", "wall s", "derived trees (per seed)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -185,7 +193,7 @@ def methods_table(groups: list[tuple[str, list[Any]]], baseline: str | None = No
             + ("IQM: interquartile mean of all (seed, task) success rates, 95% percentile bootstrap over seeds. "
                if domain == "rl" else f"Delta_m: each seed against the mean of `{base[0]}`'s seeds. " if base_mean else "")
             + "Trees: one letter per stage (S shared, P per task, G sub-groups, - skipped).")
-    return "\n".join(lines) + "\n\n" + note + "\n", {"metric": metric if one else metrics, "tasks": tasks,
+    return "\n".join(lines) + "\n\n" + note + "\n", {"metric": metric or metrics, "tasks": tasks,
                                                      "baseline": base[0] if base else None, "rows": rows}
 
 
