@@ -278,6 +278,11 @@ class MTSAC:
             torch.compiler.cudagraph_mark_step_begin()
         b = self.replay.sample(self.batch, split, self.sample_gen)
         step = self.n_updates
+        alpha_first = a.alpha_update == "first"
+        if alpha_first:  # the reference's order: the entropy coefficients step first, the losses use the new values
+            with torch.no_grad(), self._autocast() if self._autocast is not None else contextlib.nullcontext():
+                logp = full_precision(self.actor.sample(b["obs"])[1]).mean(-1)
+            self._alpha_step(logp)
         alpha = self.log_alpha.detach().exp()
         with self._autocast() if self._autocast is not None else contextlib.nullcontext():
             target = self._fn("target", step, self.critic_combiner)(b, alpha)
@@ -296,11 +301,8 @@ class MTSAC:
         actor_losses = weight_step(self.actor.net, b, actor_losses_fn, self.actor_combiner, self.actor_opt, step,
                                    cfg.train.grad_clip, self.actor_method if self.searching else None,
                                    autocast=self._autocast, inputs=self._actor_params)
-        # the mean over every sample of the batch, as in the reference (tasks hold equal shares)
-        alpha_loss = -(self.log_alpha * (stats["logp"] + self.target_entropy)).mean()
-        self.alpha_opt.zero_grad(set_to_none=True)
-        alpha_loss.backward()
-        self.alpha_opt.step()
+        if not alpha_first:
+            self._alpha_step(stats["logp"])
         with torch.no_grad():
             torch._foreach_lerp_(self._target, self._online, a.tau)
         if self.searching:
@@ -312,6 +314,14 @@ class MTSAC:
             critic_losses, actor_losses = critic_losses.clone(), actor_losses.clone()
         return {"critic_loss": critic_losses, "actor_loss": actor_losses, "alpha": alpha, "entropy": -stats["logp"],
                 "q_target": target.detach().mean(-1)}
+
+    def _alpha_step(self, logp: Tensor) -> None:
+        """One Adam step on the per-task log entropy coefficients from the per-task mean log-probability [T]."""
+        # the mean over every sample of the batch, as in the reference (tasks hold equal shares)
+        alpha_loss = -(self.log_alpha * (logp + self.target_entropy)).mean()
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
 
     def _epoch_step(self, critic_losses: Tensor, actor_losses: Tensor) -> None:
         """Accumulate this update's per-task losses; every ``agent.dwa_epoch_updates`` updates end an epoch."""

@@ -151,6 +151,11 @@ class AgentConfig:
     tau: float = 0.005
     buffer_size: int = 1_000_000      # transitions in total, split evenly over tasks
     init_alpha: float = 1.0
+    # first: each update steps the entropy coefficients before the critic and actor losses, from a fresh draw of the
+    # policy on the batch, and those losses use the new values (the MT-SAC reference's initial release); last: they
+    # step after the actor from the actor loss's draw, with the old values in the losses (CleanRL, SB3, and the
+    # reference's later releases)
+    alpha_update: Literal["first", "last"] = "first"
     target_entropy: float = 0.0       # 0: -|A|
     adam_eps: float = 1e-5            # Adam's epsilon for the actor, critic and entropy coefficients (the reference's)
     critic_hidden: list = field(default_factory=list)  # empty: model.hidden
@@ -254,6 +259,9 @@ def _migrate(d: dict[str, Any]) -> dict[str, Any]:
                         target[p] = dict(target.get(p) or {})
                         target = target[p]
                     target[leaf2] = value
+    if domain == "rl" and isinstance(d.get("agent"), dict) and "alpha_update" not in d["agent"]:
+        # written before agent.alpha_update existed: those runs stepped the entropy coefficients last
+        d["agent"] = {**d["agent"], "alpha_update": "last"}
     return d
 
 

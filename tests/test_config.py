@@ -89,3 +89,12 @@ def test_a_record_written_before_the_renames_reads_under_the_new_names() -> None
                "agent": {**sup["agent"], "lr": 3e-4, "grad_clip": 1.0}}  # unused RL values: dropped
     c = config_from_dict(old_sup)
     assert (c.train.lr, c.train.grad_clip, c.train.checkpoint_every_epochs) == (0.1, 0.0, 2)
+
+
+def test_a_run_written_before_alpha_update_existed_keeps_stepping_alpha_last() -> None:
+    """Resuming an old run must not change its update order mid-run; new runs take the reference's order."""
+    from mtrl_arch.config import config_from_dict
+    d = load_config("mt10_quick").to_dict()
+    assert d["agent"]["alpha_update"] == "first"
+    del d["agent"]["alpha_update"]
+    assert config_from_dict(d).agent.alpha_update == "last"

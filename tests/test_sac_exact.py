@@ -133,6 +133,7 @@ class Reference:
 
     def __init__(self, agent: MTSAC):
         a, lr = agent.cfg.agent, agent.cfg.train.lr
+        self.alpha_first = a.alpha_update == "first"
         self.gamma, self.tau, self.clip = a.gamma, a.tau, agent.cfg.train.grad_clip
         self.log_std_min, self.log_std_max = a.log_std_min, a.log_std_max
         self.target_entropy = -float(ACT)
@@ -181,6 +182,10 @@ class Reference:
     def update(self, data, idx):
         take = lambda k: torch.stack([data[k][t, idx[t]] for t in range(T)])  # noqa: E731
         obs, actions, rewards, next_obs, dones = (take(k) for k in ("obs", "action", "reward", "next_obs", "done"))
+        if self.alpha_first:  # the entropy coefficients step first, from a draw of the policy, and the losses use them
+            with torch.no_grad():
+                _, log_pi0 = self.get_action(obs)
+            self.alpha_update(log_pi0)
         alpha = self.log_alpha.detach().exp()
         with torch.no_grad():
             next_state_actions, next_state_log_pi = self.get_action(next_obs)
@@ -206,11 +211,18 @@ class Reference:
         torch.nn.utils.clip_grad_norm_(self.actor_params, self.clip)
         self.actor_optimizer.step()
 
+        if not self.alpha_first:
+            self.alpha_update(log_pi)
+
+        self.polyak()
+
+    def alpha_update(self, log_pi: torch.Tensor) -> None:
         alpha_loss = sum(-self.log_alpha[t] * (log_pi[t].detach().mean() + self.target_entropy) for t in range(T)) / T
         self.a_optimizer.zero_grad()
         alpha_loss.backward()
         self.a_optimizer.step()
 
+    def polyak(self) -> None:
         with torch.no_grad():
             for online, target in ((self.qf1, self.qf1_target), (self.qf2, self.qf2_target)):
                 for part, tpart in zip(online, target):
@@ -253,11 +265,12 @@ def run_both(agent: MTSAC, steps: int) -> Reference:
     return ref
 
 
-def test_fast_update_matches_the_reference_update() -> None:
+@pytest.mark.parametrize("alpha_update", ["first", "last"])
+def test_fast_update_matches_the_reference_update(alpha_update: str) -> None:
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        agent = make_agent()
+        agent = make_agent(f"agent.alpha_update={alpha_update}")
         ref = run_both(agent, steps=4)
         assert_same_parameters(agent, ref, rtol=1e-7, atol=1e-9)
     finally:
@@ -270,6 +283,23 @@ def _compile_works() -> bool:
         return bool(torch.equal(f(torch.ones(2)), torch.full((2,), 3.0)))
     except Exception:  # noqa: BLE001 - no compiler, unsupported platform
         return False
+
+
+def test_alpha_first_uses_the_stepped_coefficients_in_the_same_step() -> None:
+    """A hand-computed first step: with alpha stepped first, Adam's first step moves every log-alpha by lr
+    (its update is lr * sign(g) when the moments start at zero), and the actor loss uses exp of the new value;
+    stepped last, the losses use the initial coefficient."""
+    for order, moved in (("first", True), ("last", False)):
+        agent = make_agent(f"agent.alpha_update={order}")
+        fill(agent)
+        torch.manual_seed(0)
+        stats = agent.train_step()
+        lr, init = agent.cfg.agent.alpha_lr, math.log(agent.cfg.agent.init_alpha)
+        # entropy is far above -|A| at initialisation, so every gradient -(logp + target) is negative: log-alpha falls
+        expected = torch.full((T,), init - lr, dtype=torch.float64)
+        torch.testing.assert_close(agent.log_alpha.detach().double(), expected, rtol=0, atol=1e-6)
+        used = torch.full((T,), math.exp(init - lr) if moved else math.exp(init))
+        torch.testing.assert_close(stats["alpha"].float(), used, rtol=0, atol=1e-7)
 
 
 @pytest.mark.slow
