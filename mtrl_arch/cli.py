@@ -216,8 +216,15 @@ def _sweep(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, as every other user error (exit code 2); subcommands' too."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mtrl-arch", description=__doc__.splitlines()[0])
+    p = _Parser(prog="mtrl-arch", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a config: mtrl-arch train CONFIG [key=value ...]")
