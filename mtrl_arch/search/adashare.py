@@ -90,6 +90,14 @@ class AdaShareOptions:
     weight_decay: float = 5e-4       # policy optimiser weight decay
     derive: str = "sample"           # 'sample' (seeded) or 'argmax'
 
+    def __post_init__(self):  # checked when the config is (validate parses the options), not at build time
+        if self.sharing_weights not in ("paper", "code"):
+            raise ValueError(f"arch.options.sharing_weights must be 'paper' or 'code', got {self.sharing_weights!r}")
+        if self.derive not in ("sample", "argmax"):
+            raise ValueError(f"arch.options.derive must be 'sample' or 'argmax', got {self.derive!r}")
+        if min(self.weight_steps, self.policy_steps) < 1 or self.curriculum_speed < 1:
+            raise ValueError("arch.options.weight_steps, policy_steps and curriculum_speed must be >= 1")
+
 
 class AdaShareNet(nn.Module):
     def __init__(self, spec: TrunkSpec):
@@ -146,16 +154,6 @@ class AdaShareNet(nn.Module):
 class AdaShare(ArchMethod):
     name = "adashare"
     Options = AdaShareOptions
-
-    def __init__(self, spec, options=None, seed: int = 0):
-        super().__init__(spec, options, seed)
-        o = self.options
-        if o.sharing_weights not in ("paper", "code"):
-            raise ValueError(f"arch.options.sharing_weights must be 'paper' or 'code', got {o.sharing_weights!r}")
-        if o.derive not in ("sample", "argmax"):
-            raise ValueError(f"arch.options.derive must be 'sample' or 'argmax', got {o.derive!r}")
-        if min(o.weight_steps, o.policy_steps) < 1 or o.curriculum_speed < 1:
-            raise ValueError("arch.options.weight_steps, policy_steps and curriculum_speed must be >= 1")
 
     # ---- schedules (pure functions of the step) --------------------------------------------
     @property

@@ -110,6 +110,12 @@ class ConalProOptions:
     weight_decay: float = 1e-5   # architecture optimiser weight decay
     arch_every: int = 1          # one alpha step every N weight steps
 
+    def __post_init__(self):  # checked when the config is (validate parses the options), not at build time
+        if self.steps_per_stage < 1 or self.arch_every < 1:
+            raise ValueError("arch.options.steps_per_stage and arch.options.arch_every must be >= 1")
+        if self.leave_init not in ("trunk", "fresh"):
+            raise ValueError(f"arch.options.leave_init must be 'trunk' or 'fresh', got {self.leave_init!r}")
+
 
 # A path: (stream, entry stage, modules for stages entry..L-1 as (bank kind, module index)).
 Path = tuple[int, int, tuple[tuple[str, int], ...]]
@@ -259,10 +265,6 @@ class ConalPro(ArchMethod):
 
     def __init__(self, spec, options=None, seed: int = 0):
         super().__init__(spec, options, seed)
-        if self.options.steps_per_stage < 1 or self.options.arch_every < 1:
-            raise ValueError("arch.options.steps_per_stage and arch.options.arch_every must be >= 1")
-        if self.options.leave_init not in ("trunk", "fresh"):
-            raise ValueError(f"arch.options.leave_init must be 'trunk' or 'fresh', got {self.options.leave_init!r}")
         self.rounds: list[dict] = []
 
     def build(self) -> nn.Module:

@@ -63,6 +63,10 @@ class LTBOptions:
     total_steps: int = 10000   # length of the search in steps (maps steps onto epochs)
     epochs: int = 100          # virtual epochs the schedule of LibMTL is written in
 
+    def __post_init__(self):  # checked when the config is (validate parses the options), not at build time
+        if self.total_steps < 1 or self.epochs < 1:
+            raise ValueError("arch.options.total_steps and arch.options.epochs must be >= 1")
+
 
 class LTBNet(nn.Module):
     def __init__(self, spec: TrunkSpec):
@@ -118,11 +122,6 @@ class LTB(ArchMethod):
     name = "ltb"
     Options = LTBOptions
     derive_rules = ()  # argmax only, see the module docstring
-
-    def __init__(self, spec, options=None, seed: int = 0):
-        super().__init__(spec, options, seed)
-        if self.options.total_steps < 1 or self.options.epochs < 1:
-            raise ValueError("arch.options.total_steps and arch.options.epochs must be >= 1")
 
     # ---- schedule (pure functions of the step) -------------------------------------------------
     def epoch_at(self, step: int) -> int:
