@@ -208,6 +208,10 @@ class Config:
 
 # ---- parsing ------------------------------------------------------------------------
 
+# Widest trunk or critic layer: a square layer of it is 4 GiB of float32 weights; wider is a typo, which would
+# otherwise surface as an allocation failure (or the OOM killer) when the networks are built.
+MAX_WIDTH = 32768
+
 # A bare section name set to a string sets that section's ``method`` (``weighting=pcgrad``).
 _SHORTHAND = {"weighting": "method", "arch": "method"}
 
@@ -315,6 +319,8 @@ def parse_value(text: str) -> Any:
         return load_yaml_text(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
+    except RecursionError:  # PyYAML builds nested collections recursively
+        raise ConfigError(f"value {text[:40]!r}... nests too deeply") from None
 
 
 def _nest(key: str, value: Any) -> dict[str, Any]:
@@ -346,18 +352,29 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise ConfigError(f"no config named {name_or_path!r}{hint}; give a YAML path or one of: {', '.join(available_configs())}")
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
+def load_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
-        data = load_yaml_text(path.read_text()) or {}
+        data = load_yaml_text(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a text file (not UTF-8 at byte {e.start}); a config is YAML text") from None
+    except RecursionError:  # PyYAML builds nested collections recursively
+        raise ConfigError(f"{path} nests its YAML too deeply") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections")
     base = data.pop("base", None)  # a config may extend another by name
     if base:
-        merged = load_yaml(resolve_config_path(base))
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: base must be a config name or YAML path; got {base!r}")
+        chain = (*_chain, path.resolve())
+        base_path = resolve_config_path(base)
+        if base_path.resolve() in chain:
+            raise ConfigError(f"{path}: base {base!r} extends itself ({' -> '.join(p.name for p in chain)} -> "
+                              f"{base_path.name}); break the cycle")
+        merged = load_yaml(base_path, chain)
         _deep_update(merged, data)
         return merged
     return data
@@ -469,6 +486,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"env.name must be MT10 or MT50; got {cfg.env.name!r}")
     if not all(isinstance(h, int) and h > 0 for h in cfg.model.hidden):
         raise ConfigError(f"model.hidden must be a list of positive integers; got {cfg.model.hidden}")
+    widths = [*cfg.model.hidden, *cfg.agent.critic_hidden]
+    if any(h > MAX_WIDTH for h in widths):
+        raise ConfigError(f"model.hidden and agent.critic_hidden widths must be at most {MAX_WIDTH}; got {widths}")
+    from .trunk import ACTIVATIONS
+    if cfg.model.activation not in ACTIVATIONS:
+        raise ConfigError(f"model.activation must be one of {', '.join(sorted(ACTIVATIONS))}; got {cfg.model.activation!r}")
+    if not 0 <= cfg.seed < 2**32:  # numpy's seeding takes 32 bits
+        raise ConfigError(f"seed must be in [0, 2^32); got {cfg.seed}")
+    for key, value, room in (("run_dir", cfg.run_dir, 0), ("name", cfg.name, len("-YYYYmmdd-HHMMSS"))):
+        if "\0" in value:
+            raise ConfigError(f"{key} must not hold a NUL character")
+        too_long = [p for p in Path(value).parts if len(p.encode("utf-8", "surrogateescape")) + room > 255]
+        if too_long:  # a file system's limit on one name: caught here, not by a half-made run directory
+            raise ConfigError(f"{key}: the name {too_long[0][:40]!r}... is longer than a file name may be "
+                              f"({255 - room} bytes)")
     if cfg.agent.algo == "sb3_stl" and cfg.arch.method != "stl":
         raise ConfigError(f"agent.algo=sb3_stl trains one network per task: set arch.method=stl (got {cfg.arch.method!r})")
     # method registries (imported here: config -> search/weighting only for validation)
