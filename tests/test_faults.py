@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import torch
 import mtrl_arch.checkpoint as C
 from mtrl_arch.cli import main
 from mtrl_arch.logger import Logger, read_metrics
+from run_compare import assert_same_state, child_env, cli_command, final_state, metric_lines, pickle_benchmark, start
 
 pytest.importorskip("metaworld")
 
@@ -40,20 +40,9 @@ TINY = ["mt10_conal", "arch.conflict_noticed=false", "arch.options.lr=3e-3", "tr
 # checkpoints every 25 vector steps: env step 50k is mid-episode for odd k, a boundary for even k;
 # the search ends (derive, rebuild, fresh weights) at env step 160
 
-BOOT = ("import pickle, sys; import mtrl_arch.envs.metaworld as m; "
-        "m._BENCHMARK_CACHE[('MT10', 0)] = pickle.load(open(sys.argv[1], 'rb')); "
-        "from mtrl_arch.cli import main; sys.exit(main(sys.argv[2:]))")
-
-WALL_CLOCK = ("time/",)  # metrics that measure wall-clock speed: excluded from exact comparisons
-
-
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> Path:
-    from mtrl_arch.envs.metaworld import make_benchmark
-
-    p = tmp_path_factory.mktemp("bench") / "mt10-seed0.pkl"
-    p.write_bytes(pickle.dumps(make_benchmark("MT10", 0)))
-    return p
+    return pickle_benchmark(tmp_path_factory.mktemp("bench") / "mt10-seed0.pkl")
 
 
 def resume_in_process(d: Path, capsys) -> str:
@@ -63,18 +52,8 @@ def resume_in_process(d: Path, capsys) -> str:
     return capsys.readouterr().err
 
 
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-def start(bench: Path, *argv: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", BOOT, str(bench), *argv], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def run_cli(bench: Path, *argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BOOT, str(bench), *argv], env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(cli_command(bench, *argv), env=child_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def train_args(run_dir: Path, *extra: str) -> list[str]:
@@ -90,31 +69,6 @@ def wait_for(p: subprocess.Popen, cond, timeout: float = 180) -> None:
             p.kill()
             raise AssertionError("kill point not reached in time")
         time.sleep(0.02)
-
-
-def metric_lines(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    recs = [json.loads(line) for line in lines]  # raises on a torn or garbled line
-    return [{k: v for k, v in r.items() if not k.startswith(WALL_CLOCK)} for r in recs]
-
-
-def final_state(run_dir: Path) -> dict:
-    return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=False)["state"]
-
-
-def assert_same_state(a, b, path: str = "") -> None:
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            assert_same_state(a[k], b[k], f"{path}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_state(x, y, f"{path}/{i}")
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"{path} differs"
-    else:
-        assert a == b, path
 
 
 def assert_steps_clean(lines: list[dict]) -> None:
@@ -497,7 +451,7 @@ def test_debug_shows_the_traceback():
 
 def test_bad_config_in_a_fresh_process_prints_one_line_only():
     r = subprocess.run([sys.executable, "-m", "mtrl_arch.cli", "train", "mt10_quick", "train.checkpoint_every_env_step=5"],
-                       capture_output=True, text=True, env=_env(), timeout=120)
+                       capture_output=True, text=True, env=child_env(), timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: unknown config key 'train.checkpoint_every_env_step'; did you mean train.checkpoint_every_env_steps? "

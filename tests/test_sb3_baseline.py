@@ -23,7 +23,7 @@ import mtrl_arch.checkpoint as C
 from mtrl_arch.cli import main
 from mtrl_arch.run import find_resume_checkpoint
 
-from test_faults import assert_same_state, metric_lines
+from run_compare import assert_same_state, metric_lines
 
 pytest.importorskip("metaworld")
 SAC = pytest.importorskip("stable_baselines3").SAC
