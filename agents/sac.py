@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtrl_arch import distributed
+from mtrl_arch.checkpoint import save_model_file
 from mtrl_arch.config import Config
 from mtrl_arch.search import TrunkSpec, make_method
 from mtrl_arch.steps import weight_parameters, weight_step
@@ -511,8 +512,9 @@ class MTSAC:
         return self
 
     def save(self, path: str) -> None:
-        torch.save({"format": "mtrl-arch/mtsac", "version": 1, "config": self.cfg.to_dict(), "tasks": list(self.tasks),
-                    "obs_dim": self.obs_dim, "action_dim": self.action_dim, "state": self.state_dict(with_replay=False)}, path)
+        save_model_file({"format": "mtrl-arch/mtsac", "version": 1, "config": self.cfg.to_dict(), "tasks": list(self.tasks),
+                         "obs_dim": self.obs_dim, "action_dim": self.action_dim, "state": self.state_dict(with_replay=False)},
+                        path)
 
     @classmethod
     def load(cls, path: str, env: Any = None, device: torch.device | str = "cpu") -> "MTSAC":

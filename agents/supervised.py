@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from mtrl_arch import distributed
-from mtrl_arch.checkpoint import NonFiniteError, rng_state, set_rng_state
+from mtrl_arch.checkpoint import NonFiniteError, rng_state, save_model_file, set_rng_state
 from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.logger import read_metrics
 from mtrl_arch.loop import Cadence
@@ -451,8 +451,8 @@ class SupervisedRun:
         set_rng_state(d["rng"])
 
     def save_model(self, path: Path) -> None:
-        torch.save({"format": MODEL_FORMAT, "version": 1, "config": self.cfg.to_dict(), "tasks": list(self.tasks),
-                    "tree": self.tree.to_dict(), "net": self.net.state_dict()}, path)
+        save_model_file({"format": MODEL_FORMAT, "version": 1, "config": self.cfg.to_dict(), "tasks": list(self.tasks),
+                         "tree": self.tree.to_dict(), "net": self.net.state_dict()}, path)
 
     def load_model(self, path: Path) -> None:
         d = torch.load(path, map_location="cpu", weights_only=False)

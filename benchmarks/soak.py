@@ -118,7 +118,7 @@ def phase_of(run: Path, reference: Path) -> str:
     ck = run / "checkpoints"
     if list(ck.glob(".ckpt-*.tmp")):
         return "checkpoint write"
-    if (run / "model.pt").is_file() or list(run.glob("model.pt*.tmp")):
+    if (run / "model.pt").is_file() or [*run.glob(".model.pt.*.tmp"), *run.glob("model.pt.tmp")]:
         return "final model write / exit"
     steps = sorted(int(p.name[5:-3]) for p in ck.glob("ckpt-*.pt") if p.name[5:-3].isdigit())
     if not steps:

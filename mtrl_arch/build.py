@@ -6,7 +6,6 @@ the networks' parameter counts without an environment or data (``train --dry-run
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -72,8 +71,7 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
             final = run.final_evaluate() if main else None
         if final is not None:  # finished (not stopped): the final model, written atomically
             logger.summary(final)
-            agent.save(str(run_dir / "model.pt.tmp"))
-            os.replace(run_dir / "model.pt.tmp", run_dir / "model.pt")
+            agent.save(str(run_dir / "model.pt"))  # atomically
         return dict(learner.last_eval)
     finally:
         if logger is not None:

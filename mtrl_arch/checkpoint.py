@@ -14,8 +14,11 @@ in one line on stderr and the previous one is used. The newest ``keep`` checkpoi
 kept. A failed write (full disk, I/O error) raises :class:`CheckpointWriteError` and
 removes only its own temporary file: the previous checkpoints are untouched.
 
+A finished run's model file (``model.pt``) is written by :func:`save_model_file`: atomically too, and with
+bytes that depend only on what it holds, so that a resumed run writes the uninterrupted run's file.
+
 Public API (shared by the RL and supervised loops): :func:`save_checkpoint`,
-:func:`load_latest`, :func:`read_checkpoint`, :func:`read_header`, :func:`rng_state`,
+:func:`load_latest`, :func:`read_checkpoint`, :func:`read_header`, :func:`save_model_file`, :func:`rng_state`,
 :func:`set_rng_state`, :func:`rng_preserved`, :func:`assert_finite`, and the errors below.
 """
 from __future__ import annotations
@@ -204,6 +207,38 @@ def save_checkpoint(folder: str | Path, step: int, state: dict[str, Any], keep: 
     for old in _steps(folder)[:-keep] if keep > 0 else []:
         checkpoint_path(folder, old).unlink(missing_ok=True)
     return path
+
+
+def _canonical(obj: Any) -> Any:
+    """``obj`` with fresh dicts, lists and tuples and interned strings (tensors as they are). A pickle writes an
+    object it meets twice as a reference to the first: two equal strings that are one object in one process (a
+    derived tree naming the agent's own task strings) and two in another (the tree read back from a checkpoint)
+    would give two files with the same content and different bytes."""
+    if isinstance(obj, str):
+        return sys.intern(obj)
+    if isinstance(obj, dict):
+        out = type(obj)((_canonical(k), _canonical(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module's state_dict: its version records
+            out._metadata = _canonical(obj._metadata)
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(_canonical(v) for v in obj)
+    return obj
+
+
+def save_model_file(obj: dict[str, Any], path: str | Path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (a temporary file renamed over it: a kill leaves the old file or
+    the new one), its bytes a function of its content (:func:`_canonical`)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:  # a file object, not a name: torch would record the (temporary) name inside
+            torch.save(_canonical(obj), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
