@@ -56,10 +56,10 @@ RL = ["mt10_conal", "arch.conflict_noticed=false", "arch.options.lr=3e-3", "trai
       "train.total_env_steps=400", "train.warmup_steps=40", "train.checkpoint_every_env_steps=50", "train.log_every=40",
       "eval.every_env_steps=200", "eval.episodes_per_task=1", "eval.final_episodes_per_task=1",
       "arch.search_steps=80", "agent.batch_per_task=16", "agent.buffer_size=2000"]
-# one SB3 SAC per task, 200 env steps each in chunks of 50 (a checkpoint after each)
+# one SB3 SAC per task, 100 env steps each (learning after 25), a checkpoint every 50 env steps summed over tasks
 SB3 = ["mt10_stl_sb3", "env.tasks=[reach-v3,push-v3]", "env.max_episode_steps=50", "model.hidden=[32,32]",
-       "train.total_env_steps=400", "train.warmup_steps=50", "train.checkpoint_every_env_steps=100",
-       "eval.every_env_steps=200", "eval.episodes_per_task=1", "eval.final_episodes_per_task=2",
+       "train.total_env_steps=200", "train.warmup_steps=25", "train.checkpoint_every_env_steps=50",
+       "eval.every_env_steps=100", "eval.episodes_per_task=1", "eval.final_episodes_per_task=2",
        "agent.batch_per_task=16", "agent.buffer_size=2000"]
 
 
