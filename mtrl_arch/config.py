@@ -484,11 +484,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.keep_checkpoints must be at least 1")
     if cfg.env.name not in ("MT10", "MT50"):
         raise ConfigError(f"env.name must be MT10 or MT50; got {cfg.env.name!r}")
-    if not all(isinstance(h, int) and h > 0 for h in cfg.model.hidden):
-        raise ConfigError(f"model.hidden must be a list of positive integers; got {cfg.model.hidden}")
-    widths = [*cfg.model.hidden, *cfg.agent.critic_hidden]
-    if any(h > MAX_WIDTH for h in widths):
-        raise ConfigError(f"model.hidden and agent.critic_hidden widths must be at most {MAX_WIDTH}; got {widths}")
+    for key, widths in (("model.hidden", cfg.model.hidden), ("agent.critic_hidden", cfg.agent.critic_hidden)):
+        if not all(isinstance(h, int) and not isinstance(h, bool) and 0 < h <= MAX_WIDTH for h in widths):
+            raise ConfigError(f"{key} must be a list of positive integers (at most {MAX_WIDTH}); got {widths}")
     from .trunk import ACTIVATIONS
     if cfg.model.activation not in ACTIVATIONS:
         raise ConfigError(f"model.activation must be one of {', '.join(sorted(ACTIVATIONS))}; got {cfg.model.activation!r}")
