@@ -110,15 +110,26 @@ class SoakedRun:
     result: dict[str, Any] = field(default_factory=dict)
 
 
-def phase_of(run: Path, reference: Path) -> str:
-    """What the killed session was doing, read off its run directory (the reference tells the run's last step
-    and whether it derives an architecture)."""
+def footprint(run: Path) -> tuple:
+    """What a session changes in its run directory as it goes: config.yaml, checkpoints, the log, model.pt."""
+    def stamp(p: Path):
+        return p.stat().st_mtime_ns if p.is_file() else None
+
+    ck = sorted(p.name for p in (run / "checkpoints").glob("*")) if (run / "checkpoints").is_dir() else []
+    return stamp(run / "config.yaml"), ck, stamp(run / "metrics.jsonl"), stamp(run / "model.pt")
+
+
+def phase_of(run: Path, reference: Path, before: tuple) -> str:
+    """What the killed session was doing, read off its run directory (``before``: its :func:`footprint` when the
+    session started; the reference tells the run's last step and whether it derives an architecture)."""
     if not (run / "config.yaml").is_file():
         return "start-up (no config.yaml yet)"
+    if footprint(run) == before:
+        return "start-up (nothing written yet)"
     ck = run / "checkpoints"
     if list(ck.glob(".ckpt-*.tmp")):
         return "checkpoint write"
-    if (run / "model.pt").is_file() or [*run.glob(".model.pt.*.tmp"), *run.glob("model.pt.tmp")]:
+    if footprint(run)[3] != before[3] or [*run.glob(".model.pt.*.tmp"), *run.glob("model.pt.tmp")]:
         return "final model write / exit"
     steps = sorted(int(p.name[5:-3]) for p in ck.glob("ckpt-*.pt") if p.name[5:-3].isdigit())
     if not steps:
@@ -179,12 +190,13 @@ def soak(name: str, kills: int, seed: int, root: Path, bench: Path | str, say=pr
                 how, argv = "resume", ["train", "--no-progress", "--resume", "run"]
             else:
                 how, argv = ("restart" if r.sessions else "fresh"), train
+            before = footprint(run)
             rc, secs = run_session(bench, cwd, argv, kill_at, cwd / "stderr.log")
             s = Session(how, round(secs, 2), None if rc is not None else round(kill_at, 2), rc=rc)
             r.sessions.append(s)
             if rc is None:
                 spent += 1
-                s.phase = phase_of(run, reference)
+                s.phase = phase_of(run, reference, before)
                 say(f"{name}: kill {spent}/{kills} at {kill_at:.1f} s of a {how} session: {s.phase}")
                 continue
             if rc != 0:
