@@ -3,11 +3,14 @@
 For each learner (an MT-SAC CoNAL search + retrain on two Meta-World tasks; a supervised CoNAL search +
 retrain on Multi-Fashion+MNIST; the stable-baselines3 single-task baseline), tiny and on one thread:
 
-1. the uninterrupted reference run, as a subprocess; its duration T (process start to exit) is the scale
-   of the kill moments;
-2. a soaked run: start it, SIGKILL it at a moment drawn uniformly from (0, T) by a seeded RNG, look at what
-   the run directory holds (the phase the kill hit: start-up, search, retrain, a checkpoint write, the final
-   evaluation or model write), start it again with ``mtrl-arch train --resume RUN_DIR``, kill it again, ...
+1. the uninterrupted reference run, as a subprocess; its duration T (process start to exit) and its start-up S
+   (process start to its first write to the run directory) are the scale of the kill moments;
+2. a soaked run: start it, SIGKILL it at a moment drawn by a seeded RNG: one kill in four uniformly from (0, T)
+   after the process's start, the others uniformly from (0, T - S) after the process's first write to the run
+   directory (start-up is most of a tiny run's time and every resume starts up again: counted from the start
+   alone, most kills would hit the imports); look at what the run directory holds (the phase the kill hit:
+   start-up, search, retrain, a checkpoint write, the final evaluation or model write), start it again with
+   ``mtrl-arch train --resume RUN_DIR``, kill it again, ...
    A kill before ``config.yaml`` exists leaves nothing to resume (``--resume`` would refuse the directory):
    the run is started afresh with its own arguments and counted as a restart. A run directory with
    ``config.yaml`` but no checkpoint is resumed (the CLI then starts it from the beginning);
@@ -99,6 +102,7 @@ class Session:
     how: str                 # fresh | resume | restart (fresh again: killed before config.yaml existed)
     seconds: float
     killed_at: float | None  # the drawn moment; None: ran to its end
+    counted_from: str = ""   # start (of the process) | first write (of the process to the run directory)
     phase: str = ""          # what the run directory showed right after the kill
     rc: int | None = None
 
@@ -142,20 +146,27 @@ def phase_of(run: Path, reference: Path, before: tuple) -> str:
     return "retrain" if (reference / "arch.json").is_file() else "training"
 
 
-def run_session(bench: Path | str, work: Path, argv: list[str], kill_at: float | None, log: Path) -> tuple[int | None, float]:
-    """One process of ``mtrl-arch ARGV`` in ``work``: SIGKILLed ``kill_at`` seconds after its start unless it ends
-    first. Its exit code (None: killed) and its seconds."""
-    t0 = time.perf_counter()
+def run_session(bench: Path | str, work: Path, argv: list[str], kill_at: float | None, log: Path,
+                from_first_write: bool = False) -> tuple[int | None, float, float | None]:
+    """One process of ``mtrl-arch ARGV`` in ``work`` (its run directory ``work/run``): SIGKILLed ``kill_at`` seconds
+    after its start, or ``from_first_write`` after it first changed the run directory (:func:`footprint`), unless
+    it ends first. Its exit code (None: killed), its seconds, and the seconds to its first write (None: none)."""
+    run, t0 = work / "run", time.perf_counter()
+    before, first = footprint(work / "run"), None
     with open(log, "a") as err:
         p = subprocess.Popen(cli_command(bench, *argv), cwd=work, env=child_env(), stdout=subprocess.DEVNULL,
                              stderr=err)
-        try:
-            rc = p.wait(timeout=kill_at)
-        except subprocess.TimeoutExpired:
-            p.send_signal(signal.SIGKILL)
-            p.wait()
-            rc = None
-    return rc, time.perf_counter() - t0
+        while p.poll() is None:
+            now = time.perf_counter() - t0
+            if first is None and footprint(run) != before:
+                first = now
+            start = first if from_first_write else 0.0
+            if kill_at is not None and start is not None and now - start >= kill_at:
+                p.send_signal(signal.SIGKILL)
+                p.wait()
+                return None, time.perf_counter() - t0, first
+            time.sleep(0.01)
+    return p.returncode, time.perf_counter() - t0, first
 
 
 def soak(name: str, kills: int, seed: int, root: Path, bench: Path | str, say=print,
@@ -170,11 +181,11 @@ def soak(name: str, kills: int, seed: int, root: Path, bench: Path | str, say=pr
     warm_data(name, args)
     train = ["train", "--no-progress", *args]
     (work / "ref").mkdir()
-    rc, duration = run_session(bench, work / "ref", train, None, work / "ref" / "stderr.log")
+    rc, duration, startup = run_session(bench, work / "ref", train, None, work / "ref" / "stderr.log")
     if rc != 0:
         raise RuntimeError(f"{name}: the reference run failed (exit {rc}); see {work / 'ref' / 'stderr.log'}")
     reference = work / "ref" / "run"
-    say(f"{name}: reference run {duration:.1f} s")
+    say(f"{name}: reference run {duration:.1f} s, {startup:.1f} s of them before its first write")
     rng = random.Random(f"{seed}-{name}")
     runs: list[SoakedRun] = []
     spent = 0
@@ -185,19 +196,24 @@ def soak(name: str, kills: int, seed: int, root: Path, bench: Path | str, say=pr
         cwd.mkdir()
         run = cwd / "run"
         while True:
-            kill_at = rng.uniform(0, duration) if spent < kills else None
+            # one kill in four counts from the process's start (start-up included), the others from its first write
+            # to the run directory: start-up is most of a tiny run's time, and each resume starts up again
+            from_start = rng.random() < 0.25
+            kill_at = rng.uniform(0, duration if from_start else duration - startup) if spent < kills else None
             if (run / "config.yaml").is_file():
                 how, argv = "resume", ["train", "--no-progress", "--resume", "run"]
             else:
                 how, argv = ("restart" if r.sessions else "fresh"), train
             before = footprint(run)
-            rc, secs = run_session(bench, cwd, argv, kill_at, cwd / "stderr.log")
-            s = Session(how, round(secs, 2), None if rc is not None else round(kill_at, 2), rc=rc)
+            rc, secs, _ = run_session(bench, cwd, argv, kill_at, cwd / "stderr.log", from_first_write=not from_start)
+            s = Session(how, round(secs, 2), None if rc is not None else round(kill_at, 2), rc=rc,
+                        counted_from="start" if from_start else "first write")
             r.sessions.append(s)
             if rc is None:
                 spent += 1
                 s.phase = phase_of(run, reference, before)
-                say(f"{name}: kill {spent}/{kills} at {kill_at:.1f} s of a {how} session: {s.phase}")
+                say(f"{name}: kill {spent}/{kills} at {kill_at:.1f} s from its {s.counted_from} of a {how} session: "
+                    f"{s.phase}")
                 continue
             if rc != 0:
                 tail = (cwd / "stderr.log").read_text().strip().splitlines()[-1:]
@@ -214,7 +230,7 @@ def soak(name: str, kills: int, seed: int, root: Path, bench: Path | str, say=pr
         for s in r.sessions:
             if s.phase:
                 phases[s.phase] = phases.get(s.phase, 0) + 1
-    return {"learner": name, "reference_s": round(duration, 2), "kills": killed,
+    return {"learner": name, "reference_s": round(duration, 2), "reference_startup_s": round(startup, 2), "kills": killed,
             "resumed": sum(s.how == "resume" for r in runs for s in r.sessions),
             "restarted": sum(s.how == "restart" for r in runs for s in r.sessions),
             "runs": len(runs), "identical": sum(bool(r.result.get("identical")) for r in runs),
