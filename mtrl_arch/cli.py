@@ -7,9 +7,11 @@ descriptions (the first comment line of each YAML file).
 
 Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint;
 2 user error (bad config, missing or damaged data, bad or incompatible run directory or
-checkpoint; ``sweep``: a bad grid, or no Ray where one is asked for); 3 training diverged
-(a non-finite loss or parameter; the last good checkpoint is kept); 4 a checkpoint could
-not be written (e.g. disk full; the previous ones are intact); 1 anything unexpected (with
+checkpoint, a run directory that is read-only, a file, or in use by another ``train``, which
+holds a lock on it for the life of its run; ``sweep``: a bad grid, or no Ray where one is
+asked for); 3 training diverged (a non-finite loss or parameter; the last good checkpoint is
+kept); 4 a checkpoint, or the run directory at the start, could not be written (e.g. disk
+full; the previous files are intact, nothing half-written); 1 anything unexpected (with
 a traceback), or for ``sweep`` one or more failed trials (listed in one line; the others
 ran to the end). Exit codes 2-4 print one line on stderr and no traceback; ``--debug``
 shows the traceback instead.
@@ -24,8 +26,9 @@ import warnings
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .errors import RunWriteError
 
-EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_CHECKPOINT_WRITE = 2, 3, 4
+EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_WRITE = 2, 3, 4
 
 
 def _preflight(cfg) -> None:
@@ -47,31 +50,34 @@ def _preflight(cfg) -> None:
 def _train(args) -> int:
     if args.dry_run:
         return _dry_run(args)
+    from contextlib import ExitStack
+
     from . import distributed
     from .build import train
 
-    if not distributed.init_from_env():  # one process
-        cfg, run_dir = _train_setup(args)
-    else:  # torchrun: rank 0 decides (and writes); every rank gets its config and run directory
-        from .config import config_from_dict
+    with ExitStack() as held:  # the run directory's lock (rank 0's under torchrun), until the run ends
+        if not distributed.init_from_env():  # one process
+            cfg, run_dir = _train_setup(args, held)
+        else:  # torchrun: rank 0 decides, locks and writes; every rank gets its config and run directory
+            from .config import config_from_dict
 
-        msg = None
-        if distributed.is_main():
-            try:
-                cfg, run_dir = _train_setup(args, data_parallel=True)
-                msg = ("ok", cfg.to_dict(), str(run_dir))
-            except ConfigError as e:
-                msg = ("error", str(e), "")
-        kind, payload, where = distributed.broadcast_object(msg)
-        if kind == "error":
-            raise ConfigError(payload)
-        cfg, run_dir = config_from_dict(payload), Path(where)
-    finished = False
-    try:
-        result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
-        finished = True
-    finally:
-        distributed.shutdown(wait=finished)  # after an error another rank may never reach the barrier
+            msg = None
+            if distributed.is_main():
+                try:
+                    cfg, run_dir = _train_setup(args, held, data_parallel=True)
+                    msg = ("ok", cfg.to_dict(), str(run_dir))
+                except (ConfigError, RunWriteError) as e:
+                    msg = ("error", e, "")
+            kind, payload, where = distributed.broadcast_object(msg)
+            if kind == "error":
+                raise payload  # every rank stops with rank 0's error (and its exit code)
+            cfg, run_dir = config_from_dict(payload), Path(where)
+        finished = False
+        try:
+            result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+            finished = True
+        finally:
+            distributed.shutdown(wait=finished)  # after an error another rank may never reach the barrier
     if result and distributed.rank_from_env() == 0:
         print(json.dumps({k: v for k, v in result.items() if "mean" in k or not k.startswith("eval/return")}, indent=1))
     return 0
@@ -103,23 +109,32 @@ def _resolve_config(args, data_parallel: bool = False):
     return cfg
 
 
-def _train_setup(args, data_parallel: bool = False):
-    """The run's config and directory (a new one, or the one to resume), checked; records a resume's overrides."""
+def _train_setup(args, held, data_parallel: bool = False):
+    """The run's config and directory (a new one, or the one to resume), checked and locked (the lock goes on
+    ``held``, an ExitStack, before anything is written there or a checkpoint read); records a resume's overrides."""
     from .run import new_run_dir, write_run_info
+    from .run_lock import lock_run_dir
 
     cfg = _resolve_config(args, data_parallel)
     if args.resume:
         run_dir = Path(args.resume)
+        _preflight(cfg)
+        held.enter_context(lock_run_dir(run_dir))
         if args.overrides:  # e.g. a larger train.total_env_steps: record what the run now is
             write_run_info(run_dir, cfg, {"resumed_with": list(args.overrides)})
     else:
         run_dir = new_run_dir(cfg)
-        if (run_dir / "config.yaml").exists():
-            raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
-    _preflight(cfg)
-    if not args.resume:
+        _refuse_a_finished_start(run_dir)
+        _preflight(cfg)
+        held.enter_context(lock_run_dir(run_dir, create=True))
+        _refuse_a_finished_start(run_dir)  # one that started and ended between the check above and the lock
         print(f"run directory: {run_dir}", file=sys.stderr)
     return cfg, run_dir
+
+
+def _refuse_a_finished_start(run_dir: Path) -> None:
+    if (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
 
 
 def _dry_run(args) -> int:
@@ -133,9 +148,7 @@ def _dry_run(args) -> int:
     if not args.resume:  # as train would refuse it
         from .run import new_run_dir
 
-        run_dir = new_run_dir(cfg)
-        if (run_dir / "config.yaml").exists():
-            raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
+        _refuse_a_finished_start(new_run_dir(cfg))
     _preflight(cfg)
     counts, counted = param_counts(cfg)
     print("# the resolved config, as a run's config.yaml writes it less its run: record (dry run: nothing trained, "
@@ -305,8 +318,8 @@ def _exit_code(e: BaseException) -> int | None:
 
     if isinstance(e, NonFiniteError):
         return EXIT_DIVERGED
-    if isinstance(e, CheckpointWriteError):
-        return EXIT_CHECKPOINT_WRITE
+    if isinstance(e, (CheckpointWriteError, RunWriteError)):
+        return EXIT_WRITE
     user_errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, TreeError, CheckpointError)
     try:
         from .envs.vision import DataError
