@@ -75,10 +75,10 @@ def _holder(path: Path) -> str:
     return "a process whose PID could not be read"
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view, at = memoryview(data), 0
-    while at < len(data):
-        at += os.pwrite(fd, view[at:], at)
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view, done = memoryview(data), 0
+    while done < len(data):  # a write may be short when the disk fills: the next one raises ENOSPC
+        done += os.pwrite(fd, view[done:], offset + done)
 
 
 class RunLock:
@@ -113,8 +113,8 @@ def lock_run_dir(run_dir: Path, create: bool = False) -> RunLock:
     """Lock ``run_dir`` for this process, or raise ConfigError naming the holder.
 
     ``create``: make the directory (and its missing parents) first, for a new run; a resume's exists. Then
-    the holder's record goes into the lock file and :data:`START_ROOM` bytes are written there and cut
-    back, so that a full disk stops the start here rather than half-way through the run's first files.
+    :data:`START_ROOM` bytes are written to the lock file and cut back, so that a full disk stops the start
+    here rather than half-way through the run's first files, and the holder's record replaces the last one.
     """
     run_dir = Path(run_dir)
     made = [p for p in (run_dir, *run_dir.parents) if not p.exists()] if create else []
@@ -151,21 +151,22 @@ def lock_run_dir(run_dir: Path, create: bool = False) -> RunLock:
     lock = RunLock(run_dir, fd, made, made_file)
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                          "started": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode() + b"\n"
+    size = os.fstat(fd).st_size  # the last holder's record stays until there is room to start
     try:
-        os.ftruncate(fd, 0)
-        _write_all(fd, record + bytes(START_ROOM))
+        _write_all(fd, bytes(START_ROOM), size)
         os.fsync(fd)
-        os.ftruncate(fd, len(record))
+        os.ftruncate(fd, 0)
+        _write_all(fd, record, 0)
     except OSError as e:
-        try:
-            if made_file:  # refused starts add nothing, an existing run's files included
+        try:  # a start refused for want of room adds and changes nothing, the lock file included
+            if made_file:
                 path.unlink()
             else:
-                os.ftruncate(fd, 0)
+                os.ftruncate(fd, size)
         except OSError:
             pass
         lock.release()
-        raise write_fault(e, run_dir, f"{START_ROOM >> 20} MiB") from None
+        raise write_fault(e, run_dir, f"the run's first {START_ROOM >> 20} MiB") from None
     return lock
 
 
