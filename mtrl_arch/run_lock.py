@@ -65,13 +65,17 @@ def write_fault(e: OSError, run_dir: Path, what: str = "") -> Exception:
 
 
 def _holder(path: Path) -> str:
-    """Who holds the lock at ``path``, from what the holder wrote into it (it writes just after locking)."""
-    for _ in range(20):
+    """Who holds the lock at ``path``, from the record the holder writes just after its room check (until
+    then the file holds the last holder's record and the check's bytes, or nothing: not yet a record)."""
+    for _ in range(40):
         try:
-            d = json.loads(path.read_text().splitlines()[0])
-            return f"PID {d['pid']} on host {d['host']} (since {d['started']})"
-        except (OSError, ValueError, IndexError, KeyError, TypeError):
-            time.sleep(0.05)
+            raw = path.read_bytes()
+            if raw.endswith(b"\n") and raw.count(b"\n") == 1:
+                d = json.loads(raw)
+                return f"PID {d['pid']} on host {d['host']} (since {d['started']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(0.05)
     return "a process whose PID could not be read"
 
 
