@@ -16,19 +16,7 @@ from pathlib import Path
 import pytest
 
 from mtrl_arch.cli import main
-from test_run_lock import CONFIG, files, tiny
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("multi_cache")
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, cache) -> Path:
-    d = tmp_path_factory.mktemp("finished") / "run"
-    assert main(["train", "--no-progress", CONFIG, *tiny(cache, "train.epochs=1"), f"run_dir={d}"]) == 0
-    return d
+from test_run_lock import CONFIG, cache, files, finished, tiny  # noqa: F401 (cache, finished: fixtures)
 
 
 @pytest.fixture
