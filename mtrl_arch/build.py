@@ -15,6 +15,7 @@ from .checkpoint import load_latest
 from .config import Config, ConfigError, config_from_dict
 from .logger import Logger
 from .run import resolve_device, seed_everything, write_arch, write_run_info
+from .tree import Tree
 
 
 def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -244,8 +245,9 @@ def evaluate_run(cfg: Config, run_dir: Path, episodes: int | None) -> dict[str, 
     return eval_supervised(cfg, run_dir)
 
 
-def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str]:
-    """The weight counts of the networks a run of ``cfg`` starts with, and what was counted.
+def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str, dict[str, Tree]]:
+    """The weight counts of the networks a run of ``cfg`` starts with, what was counted, and the trees
+    known before training (methods that do not search: hps, stl, manual, random's drawn tree; else none).
 
     Built on the CPU without an environment or data: RL's MT-SAC actor and critic (their
     search networks while ``arch.search_steps`` > 0; the counts ``params/actor/*`` and
@@ -255,7 +257,7 @@ def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str]:
     if cfg.domain == "rl":
         if cfg.agent.algo == "sb3_stl":
             return None, ("counts need the environments: agent.algo=sb3_stl trains one stable-baselines3 SAC per "
-                          "task, whose networks SB3 builds from the task's environment")
+                          "task, whose networks SB3 builds from the task's environment"), {}
         from .agents.sac import MTSAC
         from .envs.metaworld import ACTION_DIM, observation_dim, resolve_tasks
 
@@ -269,7 +271,8 @@ def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str]:
         agent = MTSAC(tasks, observation_dim(len(tasks)), ACTION_DIM, config_from_dict(d), "cpu")
         what = ("the actor's and critic's search networks (arch.search_steps > 0; the derived trees are counted "
                 "when the search ends)" if agent.searching else "the actor and critic (both critics of the ensemble)")
-        return agent.param_counts(), f"{what}, {len(tasks)} tasks, obs {agent.obs_dim}, action {agent.action_dim}"
+        return (agent.param_counts(), f"{what}, {len(tasks)} tasks, obs {agent.obs_dim}, action {agent.action_dim}",
+                dict(agent.trees))
     from .envs.supervised import make_spec
     from .search import make_method
     from .steps import weight_parameters
@@ -278,13 +281,14 @@ def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str]:
     spec = make_spec(cfg)
     if spec is None:
         return None, (f"counts need the data: data.name={cfg.data.name} learns its vocabulary, hence the embedding's "
-                      "size, from the training text")
+                      "size, from the training text"), {}
     method = make_method(cfg.arch.method, spec, cfg.arch.options, cfg.seed, derive=cfg.arch)
     if method.searches and cfg.arch.search_steps > 0:
         total = sum(p.numel() for p in weight_parameters(method.build()))
         return ({"search": {"total": total}}, "the search network (arch.search_steps > 0; the derived tree's trunk "
-                                              "is counted when the search ends)")
-    return {"trunk": Trunk(method.derive(), spec.stages, spec.heads).param_counts()}, "the trunk of the derived tree"
+                                              "is counted when the search ends)", {})
+    tree = method.derive()
+    return {"trunk": Trunk(tree, spec.stages, spec.heads).param_counts()}, "the trunk of the derived tree", {"trunk": tree}
 
 
 def benchmarks() -> dict[str, tuple[type, Any]]:

@@ -49,7 +49,7 @@ def load_yaml_text(text: str) -> Any:
 
 @dataclass
 class ArchConfig:
-    method: str = "hps"               # hps | stl | manual | conal | conal_pro | ltb | adashare | recon
+    method: str = "hps"               # hps | stl | manual | random | conal | conal_pro | ltb | adashare | recon
     search_steps: int = 0             # architecture-search steps before deriving (RL: vector env steps)
     retrain: Literal["scratch", "continue"] = "scratch"  # after deriving: retrain from scratch (paper) or keep the searched weights
     conflict_noticed: bool = False    # withhold a shared group's update on steps where task gradients conflict there
@@ -66,6 +66,7 @@ class ArchConfig:
     # > 0: the best tree by the search's scores whose trunk (shared + subgroup + specific modules, heads
     # not counted) has at most this many parameters, per network (RL: actor and critic each); needs derive=argmax
     max_params: int = 0
+    min_params: int = 0               # > 0: a lower bound on the trunk (arch.method=random draws within [min_params, max_params])
 
 
 @dataclass
@@ -461,8 +462,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"arch.derive must be one of argmax, margin; got {cfg.arch.derive!r}")
     if not 0.0 <= cfg.arch.derive_margin < 1.0:
         raise ConfigError(f"arch.derive_margin must be in [0, 1); got {cfg.arch.derive_margin}")
-    if cfg.arch.max_params < 0:
-        raise ConfigError(f"arch.max_params must be >= 0 (0: no budget); got {cfg.arch.max_params}")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints must be at least 1")
     if cfg.env.name not in ("MT10", "MT50"):
