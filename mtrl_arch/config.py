@@ -67,6 +67,28 @@ class ArchConfig:
     # not counted) has at most this many parameters, per network (RL: actor and critic each); needs derive=argmax
     max_params: int = 0
     min_params: int = 0               # > 0: a lower bound on the trunk (arch.method=random draws within [min_params, max_params])
+    # RL: one network's own values of the fields in PER_NETWORK (e.g. arch.critic.method=stl, arch.actor.max_params=N);
+    # unset ones inherit arch.* (options only when the method is arch.method's); resolved, both networks show in full
+    actor: dict = field(default_factory=dict)
+    critic: dict = field(default_factory=dict)
+
+
+# what arch.actor / arch.critic may set (search scheduling, retraining and the conflict settings stay shared)
+PER_NETWORK = ("method", "options", "derive", "derive_margin", "max_params", "min_params")
+NETWORKS = ("actor", "critic")
+
+
+def network_arch(arch: ArchConfig, network: str) -> ArchConfig:
+    """The arch settings the RL ``network`` (actor or critic) uses: ``arch.*`` with ``arch.<network>.*`` over it."""
+    own = getattr(arch, network)
+    for k in own:
+        if k not in PER_NETWORK:
+            raise unknown_key(f"arch.{network}", str(k), PER_NETWORK)
+    method = coerce(own.get("method", arch.method), str, f"arch.{network}.method")
+    options = coerce(own.get("options"), dict, f"arch.{network}.options")
+    values = {k: coerce(v, _hint(ArchConfig, k), f"arch.{network}.{k}") for k, v in own.items() if k not in ("method", "options")}
+    return dataclasses.replace(arch, method=method, options={**(arch.options if method == arch.method else {}), **options},
+                               actor={}, critic={}, **values)
 
 
 @dataclass
@@ -305,7 +327,10 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             for old in (f"{key}.{o}" for o in v):
                 if old in _RENAMED:
                     raise _renamed(old)
-            cur.update(v)  # option mappings merge, so a.options.x=1 keeps a.options.y
+            if key in ("arch.actor", "arch.critic"):  # arch.critic.options.x=1 keeps arch.critic.options.y
+                _deep_update(cur, v)
+            else:
+                cur.update(v)  # option mappings merge, so a.options.x=1 keeps a.options.y
         else:
             setattr(obj, k, coerce(v, _hint(type(obj), k), key))
 
@@ -468,20 +493,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"env.name must be MT10 or MT50; got {cfg.env.name!r}")
     if not all(isinstance(h, int) and h > 0 for h in cfg.model.hidden):
         raise ConfigError(f"model.hidden must be a list of positive integers; got {cfg.model.hidden}")
+    per_network = cfg.arch.actor or cfg.arch.critic
+    if per_network and cfg.domain != "rl":
+        raise ConfigError("arch.actor and arch.critic set one RL network's arch; a supervised run has one trunk: "
+                          "set arch.* instead")
+    if per_network and cfg.agent.algo == "sb3_stl":
+        raise ConfigError("agent.algo=sb3_stl trains one network per task: set arch.method=stl, without arch.actor "
+                          "or arch.critic")
     if cfg.agent.algo == "sb3_stl" and cfg.arch.method != "stl":
         raise ConfigError(f"agent.algo=sb3_stl trains one network per task: set arch.method=stl (got {cfg.arch.method!r})")
-    # method registries (imported here: config -> search/weighting only for validation)
-    from .search import DeriveRule, get_method
-    try:
-        method = get_method(cfg.arch.method)
-        parse_options(method.Options, cfg.arch.options, "arch.options")
-        # combinations (max_params with margin) and what the method supports; the budget's lower
-        # bound needs the network, so make_method checks it
-        method.check_derive_rule(DeriveRule.of(cfg.arch))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if method.searches and cfg.arch.search_steps <= 0:
-        raise ConfigError(f"arch.method={cfg.arch.method} searches: set arch.search_steps > 0 (e.g. arch.search_steps=1000)")
+    archs = {n: network_arch(cfg.arch, n) for n in NETWORKS} if per_network else {"": cfg.arch}
+    for net, arch in archs.items():
+        _check_method(arch, f"arch.{net}." if net else "arch.", cfg.arch.search_steps)
+    if per_network:  # the resolved config shows what each network uses
+        for net, arch in archs.items():
+            setattr(cfg.arch, net, {k: getattr(arch, k) for k in PER_NETWORK})
     from . import weighting as W
     try:
         W.make_weighting(cfg.weighting.method, n_tasks=2, **cfg.weighting.options)
@@ -489,6 +515,21 @@ def validate(cfg: Config) -> None:
         raise  # already one line naming its key
     except (ValueError, TypeError) as e:
         raise ConfigError(f"weighting: {e}") from None
+
+
+def _check_method(arch: ArchConfig, where: str, search_steps: int) -> None:
+    """The method, its options and derive rule (``where``: ``arch.`` or ``arch.actor.``, naming the keys)."""
+    from .search import DeriveRule, get_method  # config -> search only for validation
+    try:
+        method = get_method(arch.method)
+        parse_options(method.Options, arch.options, f"{where}options")
+        # combinations (max_params with margin) and what the method supports; the budget's lower
+        # bound needs the network, so make_method checks it
+        method.check_derive_rule(DeriveRule.of(arch))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if method.searches and search_steps <= 0:
+        raise ConfigError(f"{where}method={arch.method} searches: set arch.search_steps > 0 (e.g. arch.search_steps=1000)")
 
 
 def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:
