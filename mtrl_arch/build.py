@@ -18,6 +18,40 @@ from .run import resolve_device, seed_everything, write_arch, write_run_info
 from .tree import Tree
 
 
+def match_rl_widths(cfg: Config) -> None:
+    """``model.match_params`` (actor) and ``agent.critic_match_params`` (critic, both members): one hidden width per
+    network, keeping its depth, whose trunk under the network's fixed tree is closest to the target
+    (:mod:`mtrl_arch.search.width`); written to ``model.hidden`` / ``agent.critic_hidden``. A critic without
+    hidden widths of its own follows the actor's, as always."""
+    m, a = cfg.model, cfg.agent
+    if not (m.match_params or a.critic_match_params):
+        return
+    from .agents.sac import actor_spec, critic_spec
+    from .config import network_arch
+    from .envs.metaworld import ACTION_DIM, observation_dim, resolve_tasks
+    from .search.width import fixed_trunk_params, match_width
+
+    try:
+        tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
+    except ValueError as e:
+        raise ConfigError(f"env.tasks: {e}") from None
+    obs = observation_dim(len(tasks))
+    critic_depth = len(a.critic_hidden or m.hidden)
+    for target, net, make, depth in ((m.match_params, "actor", actor_spec, len(m.hidden)),
+                                     (a.critic_match_params, "critic", critic_spec, critic_depth)):
+        if not target:
+            continue
+        arch = network_arch(cfg.arch, net)
+        width, _ = match_width(lambda w: fixed_trunk_params(arch.method, make(tasks, obs, ACTION_DIM, [w] * depth,
+                                                                               m.activation, m.init),
+                                                            arch.options, cfg.seed),
+                               target, "model.hidden" if net == "actor" else "agent.critic_hidden")
+        if net == "actor":
+            m.hidden = [width] * depth
+        else:
+            a.critic_hidden = [width] * depth
+
+
 def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     from . import distributed
     from .agents.rl_loop import RLRun, shared_state
@@ -29,6 +63,7 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
         tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
     except ValueError as e:
         raise ConfigError(f"env.tasks: {e}") from None
+    match_rl_widths(cfg)  # before config.yaml is written: it shows the widths
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     if cfg.agent.algo == "sb3_stl":
@@ -248,6 +283,7 @@ def evaluate_run(cfg: Config, run_dir: Path, episodes: int | None) -> dict[str, 
 def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str, dict[str, Tree]]:
     """The weight counts of the networks a run of ``cfg`` starts with, what was counted, and the trees
     known before training (methods that do not search: hps, stl, manual, random's drawn tree; else none).
+    Widths matched to a parameter count (``model.match_params``) are written to ``cfg``, as a run writes them.
 
     Built on the CPU without an environment or data: RL's MT-SAC actor and critic (their
     search networks while ``arch.search_steps`` > 0; the counts ``params/actor/*`` and
@@ -265,6 +301,7 @@ def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str, di
             tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
         except ValueError as e:
             raise ConfigError(f"env.tasks: {e}") from None
+        match_rl_widths(cfg)
         d = cfg.to_dict()  # the counts do not depend on the device, the replay's size or compilation
         d["device"] = "cpu"
         d["agent"]["buffer_size"], d["train"]["compile"] = len(tasks), False

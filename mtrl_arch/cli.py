@@ -137,7 +137,7 @@ def _dry_run(args) -> int:
         if (run_dir / "config.yaml").exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
     _preflight(cfg)
-    counts, counted, trees = param_counts(cfg)
+    counts, counted, trees = param_counts(cfg)  # first: it writes matched widths (model.match_params) into cfg
     print("# the resolved config, as a run's config.yaml writes it less its run: record (dry run: nothing trained, "
           "no run directory made)")
     print(to_yaml(cfg), end="")

@@ -107,6 +107,9 @@ class ModelConfig:
     # authors' code (one pretrained backbone); ensembles (SAC's twin critics) tie within each member
     tied_init: bool = True
     options: dict = field(default_factory=dict)
+    # > 0: the width whose trunk under the run's fixed tree (hps, stl, manual) is closest to this many parameters
+    # (ties: the narrower), written back here (hidden, options.width, options.d_model); RL: the actor's
+    match_params: int = 0
 
 
 @dataclass
@@ -182,6 +185,7 @@ class AgentConfig:
     target_entropy: float = 0.0       # 0: -|A|
     adam_eps: float = 1e-5            # Adam's epsilon for the actor, critic and entropy coefficients (the reference's)
     critic_hidden: list = field(default_factory=list)  # empty: model.hidden
+    critic_match_params: int = 0      # > 0: the critic's hidden width by model.match_params's rule (both members' trunks)
     log_std_min: float = -20.0
     log_std_max: float = 2.0
     # weighting=dwa: RL has no epochs, so an "epoch" is this many updates; DWA weighs each task by the ratio of
@@ -505,6 +509,7 @@ def validate(cfg: Config) -> None:
     archs = {n: network_arch(cfg.arch, n) for n in NETWORKS} if per_network else {"": cfg.arch}
     for net, arch in archs.items():
         _check_method(arch, f"arch.{net}." if net else "arch.", cfg.arch.search_steps)
+    _check_width_match(cfg)
     if per_network:  # the resolved config shows what each network uses
         for net, arch in archs.items():
             setattr(cfg.arch, net, {k: getattr(arch, k) for k in PER_NETWORK})
@@ -515,6 +520,25 @@ def validate(cfg: Config) -> None:
         raise  # already one line naming its key
     except (ValueError, TypeError) as e:
         raise ConfigError(f"weighting: {e}") from None
+
+
+def _check_width_match(cfg: Config) -> None:
+    """model.match_params / agent.critic_match_params: positive targets for networks with a tree known up front."""
+    from .search import get_method
+
+    targets = {"model.match_params": (cfg.model.match_params, "actor" if cfg.domain == "rl" else None)}
+    if cfg.domain == "rl":
+        targets["agent.critic_match_params"] = (cfg.agent.critic_match_params, "critic")
+    elif cfg.agent.critic_match_params:
+        raise ConfigError("agent.critic_match_params applies to RL runs; a supervised run sizes its trunk with "
+                          "model.match_params")
+    for key, (n, net) in targets.items():
+        if n < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: off); got {n}")
+        method = (network_arch(cfg.arch, net) if net else cfg.arch).method
+        if n and (get_method(method).searches or method == "random"):
+            raise ConfigError(f"{key} sizes a network under a tree known before training (hps, stl, manual); "
+                              f"its method is {method}")
 
 
 def _check_method(arch: ArchConfig, where: str, search_steps: int) -> None:
