@@ -150,3 +150,38 @@ def test_cli_dry_run_shows_the_drawn_tree_and_refuses_an_empty_band(capsys, tmp_
     assert "arch.options.space must be one of conal, recon" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert load_config("multi_fashion_mnist_hps", ["arch.method=random"]).arch.method == "random"
+
+
+def test_a_random_run_trains_its_drawn_tree_and_writes_it_to_arch_json(tmp_path) -> None:
+    """Supervised, end to end (tiny LeNet on real Multi-Fashion+MNIST): arch.json holds the draw and its counts."""
+    from data_roots import data_overrides
+
+    from mtrl_arch.logger import read_metrics
+
+    run = tmp_path / "run"
+    over = ["model.backbone=lenet", "arch.method=random", "arch.options.space=recon", "arch.min_params=31000",
+            "arch.max_params=36000", "train.epochs=1", "train.limit_batches=2", "eval.limit_batches=1",
+            "train.batch_size=8", "eval.batch_size=64", "wandb.mode=disabled", "data.num_workers=0",
+            *data_overrides("mnist", "fashion_mnist"), f"data.options.cache_dir={tmp_path / 'cache'}"]
+    assert main(["train", "multi_fashion_mnist_hps", *over, f"run_dir={run}", "--no-progress"]) == 0
+    tree = json.loads((run / "arch.json").read_text())["networks"]["trunk"]
+    d = tree["derive"]
+    assert tree["method"] == "random" and d["space"] == "recon" and d["band"] == [31000, 36000] and d["admissible"] == 2
+    logged = next(r for r in read_metrics(run) if "params/trunk/total" in r)
+    assert logged["params/trunk/total"] == d["params"]["total"] and 31000 <= d["params"]["trunk"] <= 36000
+
+
+def test_rl_draws_each_network_within_its_own_band(capsys, tmp_path, monkeypatch) -> None:
+    """MT10 actor and critic (3 hidden layers of 64): each draws in its own band (arch.critic.* over arch.*)."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    over = ["arch.method=random", "model.hidden=[64,64,64]", "arch.min_params=40000", "arch.max_params=120000",
+            "arch.critic.min_params=150000", "arch.critic.max_params=300000"]
+    assert main(["train", "mt10_hps", *over, "--dry-run"]) == 0
+    _, counts_doc = yaml.safe_load_all(capsys.readouterr().out)
+    actor, critic = (counts_doc["trees"][n]["derive"] for n in ("actor", "critic"))
+    assert 40000 <= actor["params"]["trunk"] <= 120000 and actor["band"] == [40000, 120000]
+    assert 150000 <= critic["params"]["trunk"] <= 300000 and critic["band"] == [150000, 300000]
+    assert actor["admissible"] > 1 and critic["admissible"] > 1

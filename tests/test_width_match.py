@@ -118,3 +118,31 @@ def test_supervised_width_is_written_back_and_searching_methods_are_refused(caps
         err = capsys.readouterr().err
         assert err.startswith(msg) and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_glue_transformer_width_is_matched_once_the_vocabulary_is_known(tmp_path) -> None:
+    """End to end on real GLUE text (tiny): config.yaml shows the matched d_model, arch.json its trunk count."""
+    import json
+
+    from data_roots import data_overrides
+
+    from envs.supervised_common import _spec
+
+    run = tmp_path / "run"
+    over = [*data_overrides("glue"), "data.tasks=[CoLA,SST-2]", "data.options.train_subset=24",
+            "data.options.eval_subset=8", "data.options.vocab_size=200", "data.options.max_len=16",
+            "model.options.d_ff=32", "model.options.n_layers=1", "model.options.n_heads=2", "model.match_params=20000",
+            "train.epochs=1", "train.limit_batches=1", "eval.limit_batches=1", "train.batch_size=4", "eval.batch_size=8",
+            "wandb.mode=disabled", "data.num_workers=0"]
+    assert main(["train", "glue_stl", *over, f"run_dir={run}", "--no-progress"]) == 0
+    d_model = yaml.safe_load((run / "config.yaml").read_text())["model"]["options"]["d_model"]
+    trunk = json.loads((run / "arch.json").read_text())["networks"]["trunk"]["derive"]["params"]["trunk"]
+    vocab = yaml.safe_load((run / "config.yaml").read_text())["run"]["data"]["vocab_size"]
+    cfg = load_config("glue_stl", over)
+
+    def count(w):
+        return fixed_trunk_params("stl", _spec(("CoLA", "SST-2"), transformer_stages(vocab, w, 2, 32, 1, 16, 0.1),
+                                               classification_heads(w, 2), cfg))
+
+    assert d_model % 2 == 0 and trunk == count(d_model)
+    neighbours_are_farther(count, 20_000, d_model, 2)
