@@ -69,8 +69,8 @@ class ArchConfig:
     min_params: int = 0               # > 0: a lower bound on the trunk (arch.method=random draws within [min_params, max_params])
     # RL: one network's own values of the fields in PER_NETWORK (e.g. arch.critic.method=stl, arch.actor.max_params=N);
     # unset ones inherit arch.* (options only when the method is arch.method's); resolved, both networks show in full
-    actor: dict = field(default_factory=dict)
-    critic: dict = field(default_factory=dict)
+    actor: dict = field(default_factory=dict)   # RL actor's overrides of PER_NETWORK fields ({}: arch.* as is)
+    critic: dict = field(default_factory=dict)  # RL critic's overrides (both members of the twin critic)
 
 
 # what arch.actor / arch.critic may set (search scheduling, retraining and the conflict settings stay shared)
@@ -109,7 +109,7 @@ class ModelConfig:
     options: dict = field(default_factory=dict)
     # > 0: the width whose trunk under the run's fixed tree (hps, stl, manual) is closest to this many parameters
     # (ties: the narrower), written back here (hidden, options.width, options.d_model); RL: the actor's
-    match_params: int = 0
+    match_params: int = 0             # trunk parameter target for the width (0: off; widths as given)
 
 
 @dataclass
