@@ -32,6 +32,10 @@ Spaces (``arch.options.space``):
   task), the others stay all-shared; 2^L trees, each costing
   ``sum_s P_s + (T-1) sum_{s in S} P_s``, enumerated.
 
+Spaces too large to count this way (over 500,000 compositions, e.g. 40 tasks over 10 stages, or
+2^L subsets past that) are refused with one line. In ``arch.json`` the band is ``[min_params,
+max_params]``, 0 meaning unbounded.
+
 With one task every tree of a space is the same network (every module is the task's own),
 so each space holds one tree. Derive rules: ``arch.max_params``/``arch.min_params`` bound the
 draw; ``arch.derive=margin`` changes nothing (accepted, as for hps and stl).
@@ -49,7 +53,7 @@ from ..tree import Tree
 from .base import ArchMethod, Phase, TrunkSpec
 
 SPACES = ("conal", "recon")
-MAX_ENUMERATED = 2_000_000  # compositions (conal) or subsets (recon) counted per draw
+MAX_ENUMERATED = 500_000  # compositions (conal) or subsets (recon): about 10 s of counting on a busy CPU
 
 
 @dataclass
@@ -78,6 +82,7 @@ class ConalSpace:
     def __init__(self, n_tasks: int, sizes: Sequence[int]):
         self.T, self.P, self.L = n_tasks, [int(p) for p in sizes], len(sizes)
         self.private = [sum(self.P[b:]) for b in range(self.L + 1)]  # one task's own modules from branch point b on
+        self._memo: dict[tuple[int, int], list[tuple[tuple[int, ...], int]]] = {}
         n = math.comb(self.T + self.L, self.L)
         if n > MAX_ENUMERATED:
             raise ConfigError(f"arch.method=random: CoNAL's space of {self.T} tasks and {self.L} stages has {n} "
@@ -100,12 +105,16 @@ class ConalSpace:
                 yield tuple(n)
 
     def _weighted(self, band: Band) -> list[tuple[tuple[int, ...], int]]:
+        """The admissible compositions, each with its number of vectors (= trees: canonical vectors only)."""
+        if (band.lo, band.hi) in self._memo:
+            return self._memo[band.lo, band.hi]
         out = []
         for n in self._compositions():
             D = max(b for b in range(self.L + 1) if n[b])
             cost = sum(self.P[:D]) + sum(k * self.private[b] for b, k in enumerate(n))
             if cost in band:
                 out.append((n, math.factorial(self.T) // math.prod(math.factorial(k) for k in n)))
+        self._memo[band.lo, band.hi] = out
         return out
 
     def count(self, band: Band) -> int:
@@ -170,10 +179,13 @@ class RandomArch(ArchMethod):
     def __init__(self, spec: TrunkSpec, options=None, seed: int = 0):
         super().__init__(spec, options, seed)
         self._drawn: Tree | None = None
+        self._space: ConalSpace | ReconSpace | None = None
 
     def space(self) -> ConalSpace | ReconSpace:
-        cls = ConalSpace if self.options.space == "conal" else ReconSpace
-        return cls(self.spec.n_tasks, self.sizes())
+        if self._space is None:  # made once: it remembers its counts
+            cls = ConalSpace if self.options.space == "conal" else ReconSpace
+            self._space = cls(self.spec.n_tasks, self.sizes())
+        return self._space
 
     def band(self) -> Band:
         return Band(self.derive_rule.min_params, self.derive_rule.max_params)
