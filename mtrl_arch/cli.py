@@ -137,12 +137,18 @@ def _dry_run(args) -> int:
         if (run_dir / "config.yaml").exists():
             raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
     _preflight(cfg)
-    counts, counted = param_counts(cfg)
+    counts, counted, trees = param_counts(cfg)  # first: it writes matched widths (model.match_params) into cfg
     print("# the resolved config, as a run's config.yaml writes it less its run: record (dry run: nothing trained, "
           "no run directory made)")
     print(to_yaml(cfg), end="")
     print("---\n# parameter counts (weights), built on the CPU without an environment or data")
-    print(yaml.safe_dump({"parameters": counts, "counted": counted}, sort_keys=False, width=1 << 16), end="")
+    # trees known before training (hps, stl, manual, random): each task's module per stage and the derive record
+    shown = {k: {"per_task": t.to_dict()["per_task"], "derive": {k2: v for k2, v in t.derive.items() if k2 != "scores"}}
+             for k, t in trees.items()}
+    print(yaml.safe_dump({"parameters": counts, "counted": counted, **({"trees": shown} if shown else {})},
+                         sort_keys=False, width=1 << 16), end="")
+    for k, t in trees.items():  # the same trees, rendered, as comments
+        print("\n".join(f"# {line}" for line in [f"[{k}]", *t.render().splitlines()]))
     return 0
 
 
