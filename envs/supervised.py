@@ -70,7 +70,7 @@ from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.options import parse_options
 from mtrl_arch.search.base import TrunkSpec
 
-from .backbones import classification_heads, lenet_stages, resnet18_stages
+from .backbones import classification_heads, lenet_sizes, lenet_stages, resnet18_stages
 from .supervised_common import (DEFAULT_ROOTS, CelebAData, GlueData, LeNetModel, MultiDigitData, ResNetModel, SceneData,
                                 TaskAdapter, TransformerModel, _lib, _spec, data_root, match_model_width)
 from .supervised_data import DatasetData, TensorData, subset_indices
@@ -171,7 +171,7 @@ def _spec_of(cfg: Config, data_opts: Any, model_opts: Any, tasks) -> TrunkSpec:
 
 def _classification_spec(cfg: Config, m: Any, tasks, in_channels: int, n_classes: int) -> TrunkSpec:
     if cfg.model.backbone == "lenet":
-        stages, heads = lenet_stages(m.width), classification_heads(50 * m.width, n_classes)
+        stages, heads = lenet_stages(m.width), classification_heads(lenet_sizes(m.width)[2], n_classes)
     else:
         stages, heads = resnet18_stages(in_channels, m.width, m.out_features), classification_heads(m.out_features, n_classes)
     return _spec(tasks, stages, heads, cfg)

@@ -76,7 +76,7 @@ class GlueData:
 
 @dataclass
 class LeNetModel:
-    width: int = 1            # channel and fc multiplier: conv 10w, 20w, fc 50w (1: Pareto MTL's LeNet)
+    width: float = 1          # channel and fc multiplier: conv 10w, 20w, fc 50w, rounded (1: Pareto MTL's LeNet)
 
 
 @dataclass
@@ -112,6 +112,8 @@ def _spec(tasks, stages: list, heads, cfg: Config) -> TrunkSpec:
 
 # each backbone's width knob in model.options (a transformer's d_model moves in multiples of its heads)
 WIDTH_KNOBS = {"lenet": "width", "resnet18": "width", "transformer": "d_model"}
+# LeNet's width is a multiplier whose integer steps change the trunk about fourfold: match it in tenths
+WIDTH_STEPS = {"lenet": 0.1}
 
 
 def match_model_width(cfg: Config, m: Any, spec_for: Callable[[Any], TrunkSpec]) -> Any:
@@ -124,7 +126,7 @@ def match_model_width(cfg: Config, m: Any, spec_for: Callable[[Any], TrunkSpec])
     width, _ = match_width(
         lambda w: fixed_trunk_params(cfg.arch.method, spec_for(dataclasses.replace(m, **{knob: w})), cfg.arch.options,
                                      cfg.seed),
-        cfg.model.match_params, f"model.options.{knob}", m.n_heads if knob == "d_model" else 1)
+        cfg.model.match_params, f"model.options.{knob}", m.n_heads if knob == "d_model" else WIDTH_STEPS.get(cfg.model.backbone, 1))
     cfg.model.options[knob] = width
     return dataclasses.replace(m, **{knob: width})
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from envs.backbones import classification_heads, lenet_stages, resnet18_stages, transformer_stages
+from envs.backbones import classification_heads, lenet_sizes, lenet_stages, resnet18_stages, transformer_stages
 from mtrl_arch.agents.sac import actor_spec, critic_spec
 from mtrl_arch.build import match_rl_widths
 from mtrl_arch.cli import main
@@ -66,8 +66,8 @@ def test_each_backbone_picks_the_width_closest_to_the_target(backbone: str) -> N
         target, step = 200_000, 1
         assert count(50) == 2 * 2 * mlp_trunk(OBS + ACT, [50, 50])
     elif backbone == "lenet":
-        def count(w): return fixed_trunk_params("hps", TrunkSpec(tasks, lenet_stages(w), classification_heads(50 * w, 10)))
-        target, step = 400_000, 1
+        def count(w): return fixed_trunk_params("hps", TrunkSpec(tasks, lenet_stages(w), classification_heads(lenet_sizes(w)[2], 10)))
+        target, step = 40_000, 0.1  # between width 1 (30,890) and width 2 (121,780): tenths of the multiplier
     elif backbone == "resnet18":
         def count(w): return fixed_trunk_params("stl", TrunkSpec(tasks, resnet18_stages(1, w), classification_heads(100, 10)))
         target, step = 3_000_000, 1
@@ -76,7 +76,7 @@ def test_each_backbone_picks_the_width_closest_to_the_target(backbone: str) -> N
                                                                  classification_heads(w, 2)))
         target, step = 300_000, 4
     width, n = match_width(count, target, "width", step)
-    assert width % step == 0 and n == count(width)
+    assert abs(width / step - round(width / step)) < 1e-9 and n == count(width)
     neighbours_are_farther(count, target, width, step)
 
 
@@ -105,10 +105,10 @@ def test_supervised_width_is_written_back_and_searching_methods_are_refused(caps
     assert main(["train", "multi_fashion_mnist_stl", *base, "model.match_params=100000", "--dry-run"]) == 0
     cfg_doc, counts_doc = yaml.safe_load_all(capsys.readouterr().out)
 
-    def stl(w): return fixed_trunk_params("stl", TrunkSpec(("a", "b"), lenet_stages(w), classification_heads(50 * w, 10)))
+    def stl(w): return fixed_trunk_params("stl", TrunkSpec(("a", "b"), lenet_stages(w), classification_heads(lenet_sizes(w)[2], 10)))
 
     width = cfg_doc["model"]["options"]["width"]
-    assert width == closest(stl, 100_000, range(1, 10)) and counts_doc["trees"]["trunk"]["derive"]["params"]["trunk"] == stl(width)
+    assert width == closest(stl, 100_000, [k / 10 for k in range(1, 100)]) and counts_doc["trees"]["trunk"]["derive"]["params"]["trunk"] == stl(width)
     for argv, msg in [(["multi_fashion_mnist_conal", *base, "model.match_params=1000"],
                        "error: model.match_params sizes a network under a tree known before training"),
                       (["multi_fashion_mnist_hps", *base, "agent.critic_match_params=1000"],
@@ -146,3 +146,15 @@ def test_glue_transformer_width_is_matched_once_the_vocabulary_is_known(tmp_path
 
     assert d_model % 2 == 0 and trunk == count(d_model)
     neighbours_are_farther(count, 20_000, d_model, 2)
+
+
+def test_lenet_hps_matched_between_the_integer_widths_known_answer(capsys, tmp_path, monkeypatch) -> None:
+    """HPS LeNet sized to 37,000: width 1.1 (conv 1->11, 11->22, fc 550->55) has 902 + 6,072 + 30,305 = 37,279
+    trunk parameters; width 1.0 has 30,890 and 1.2 has 44,268, both farther."""
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["train", "multi_fashion_hps", "model.backbone=lenet", "data.root=/nonexistent", "model.match_params=37000",
+                 "--dry-run"]) == 0
+    cfg_doc, counts_doc = yaml.safe_load_all(capsys.readouterr().out)
+    assert cfg_doc["model"]["options"]["width"] == 1.1
+    assert counts_doc["trees"]["trunk"]["derive"]["params"]["trunk"] == 902 + 6_072 + 30_305

@@ -37,7 +37,7 @@ def fixed_trunk_params(method: str, spec: TrunkSpec, options: dict | None = None
         return int(make_method(method, spec, options, seed).derive().derive["params"]["trunk"])
 
 
-def match_width(trunk_params: Callable[[int], int], target: int, key: str, step: int = 1) -> tuple[int, int]:
+def match_width(trunk_params: Callable[[float], int], target: int, key: str, step: float = 1) -> tuple[float, int]:
     """The multiple of ``step`` whose ``trunk_params`` is closest to ``target`` (ties: the smaller width) and its
     count; ``key`` names the width in errors. ``trunk_params`` must be non-decreasing in the width."""
     if target <= 0:
@@ -60,4 +60,5 @@ def match_width(trunk_params: Callable[[int], int], target: int, key: str, step:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if count(mid) < target else (lo, mid)
     best = hi if lo == 0 or abs(count(hi) - target) < abs(target - count(lo)) else lo
-    return best * step, count(best)
+    width = best * step
+    return (round(width, 6) if isinstance(step, float) else width), count(best)  # 0.30000000000000004 -> 0.3
