@@ -94,7 +94,10 @@ def load_run(path: Path) -> RunData:
         cfg, meta = read_run_config(path)
         record = _flatten(cfg.to_dict())
     except ConfigError:
-        cfg, meta, record = _read_newer_config(path)
+        newer = _read_newer_config(path)
+        if newer is None:
+            raise
+        cfg, meta, record = newer
     if not (path / "metrics.jsonl").is_file():
         raise ConfigError(f"{path} has no metrics.jsonl; expected config.yaml, metrics.jsonl (and arch.json), "
                           "as `mtrl-arch train` writes")
@@ -103,18 +106,20 @@ def load_run(path: Path) -> RunData:
     return RunData(path, cfg, meta, metrics, trees, record)
 
 
-def _read_newer_config(path: Path) -> tuple[Config, dict[str, Any], dict[str, Any]]:
+def _read_newer_config(path: Path) -> tuple[Config, dict[str, Any], dict[str, Any]] | None:
     """A config.yaml this version does not validate (e.g. ``arch.method=random`` or ``model.match_params`` from a
-    newer mtrl-arch): its known fields unchecked (a report only reads them), and the whole record, flat. Raises
-    read_run_config's error when it is no config record at all."""
-    d = load_yaml_text((path / "config.yaml").read_text())
-    if not isinstance(d, dict) or not isinstance(d.get("run", {}), dict):
-        return read_run_config(path)  # raises its one-line error
-    meta = d.pop("run", {})
+    newer mtrl-arch): its known fields unchecked (a report only reads them), and the whole record, flat. None when
+    it is no config record at all (read_run_config's error stands)."""
+    import yaml
+
     try:
+        d = load_yaml_text((path / "config.yaml").read_text())
+        if not isinstance(d, dict) or not isinstance(d.get("run", {}), dict):
+            return None
+        meta = d.pop("run", {})
         cfg = config_from_dict({"domain": d.get("domain", "rl")})
-    except ConfigError:
-        return read_run_config(path)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):  # missing, unreadable, not YAML, bad domain
+        return None
 
     def fill(obj: Any, data: dict[str, Any]) -> None:
         for f in dataclasses.fields(obj):
@@ -167,7 +172,9 @@ def group_runs(runs: list[RunData]) -> list[tuple[str, list[RunData]]]:
     out = []
     for k, members in groups.items():
         s = keys[k]
-        label = ", ".join(f"{f}={_short(s.get(f))}" for f in differing[:4]) or members[0].cfg.name
+        # a key only some runs' records hold (written by a newer mtrl-arch) is named where it is set
+        label = ", ".join(f"{f}={_short(s[f])}" for f in [f for f in differing if s.get(f) is not None][:4]) \
+            or members[0].cfg.name
         out.append((label, members))
     return out
 
