@@ -2,9 +2,10 @@
 
 ``train CONFIG [key=value ...] --dry-run`` prints the resolved config (YAML, as a run's
 config.yaml holds it) and the networks' parameter counts, then exits 0 without training
-or creating a run directory. A finished ``train`` writes the run's report into RUN_DIR/report (as
-``report RUN_DIR`` would; ``train.report=false``: not) and its last line names that folder. ``configs`` lists the shipped configs with their
-descriptions (the first comment line of each YAML file).
+or creating a run directory. A finished ``train`` writes the run's report into RUN_DIR/report
+(as ``report RUN_DIR`` would; ``train.report=false``: not) and its last line names that folder.
+``configs`` lists the shipped configs with their descriptions (the first comment line of each
+YAML file).
 
 Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint;
 2 user error (bad config, missing or damaged data, bad or incompatible run directory or

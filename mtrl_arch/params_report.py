@@ -37,7 +37,7 @@ MARKERS = {"hps": "o", "stl": "s", "conal": "^", "conal_pro": "v", "recon": "D",
            "random": "*", "manual": "h"}
 # the width-matching key of each network's trunk; the trunk (supervised) and the actor share model.match_params
 MATCH_KEYS = {"trunk": "model.match_params", "actor": "model.match_params", "critic": "agent.critic_match_params"}
-ARCH_KEYS = ("arch.", *set(MATCH_KEYS.values()))
+ARCH_KEYS = ("arch.", "model.match_params", "agent.critic_match_params")  # what a counterpart may differ in
 MATCH_TOLERANCE = 0.10   # a width-matched HPS (and a random draw against an unbudgeted search) within 10% of B
 N_RESAMPLES = 10_000
 _NETWORK_ORDER = ("actor", "critic", "trunk")
