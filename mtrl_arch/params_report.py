@@ -32,6 +32,7 @@ import numpy as np
 from .axes import clipped_band, count_formatter, human_count
 from .metrics import paired_bootstrap_ci
 from .search import REGISTRY
+from .table import logged_params
 
 MARKERS = {"hps": "o", "stl": "s", "conal": "^", "conal_pro": "v", "recon": "D", "ltb": "P", "adashare": "X",
            "random": "*", "manual": "h"}
@@ -70,13 +71,7 @@ def trunk_params(run: Any) -> dict[str, int]:
     ``params/<network>/{shared,subgroup,specific}`` (a fixed tree logs them at the start)."""
     out = {n: int(t.derive["params"]["trunk"]) for n, t in run.trees.items()
            if isinstance((t.derive or {}).get("params"), dict) and "trunk" in t.derive["params"]}
-    logged: dict[str, dict[str, int]] = {}
-    for rec in run.metrics:
-        for k, v in rec.items():
-            parts = k.split("/")
-            if parts[0] == "params" and len(parts) == 3 and parts[1] != "search" and isinstance(v, (int, float)):
-                logged.setdefault(parts[1], {})[parts[2]] = int(v)
-    for n, c in logged.items():
+    for n, c in logged_params(run.metrics).items():
         if n not in out and {"shared", "specific"} <= set(c):
             out[n] = c["shared"] + c.get("subgroup", 0) + c["specific"]
     return out
