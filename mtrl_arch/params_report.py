@@ -111,7 +111,7 @@ def plot_params(settings: Sequence[Setting], metric: str, path: Path, higher_is_
     nets = networks(settings)
     if not nets:
         return None
-    fig, axes = plt.subplots(1, len(nets), figsize=(5.0 * len(nets), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(nets), figsize=(max(5.0 * len(nets), 8.0), 4.0), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, net in zip(axes[0], nets):
         pts = []
@@ -135,13 +135,14 @@ def plot_params(settings: Sequence[Setting], metric: str, path: Path, higher_is_
         if lo > 0 and hi / lo > 10:
             ax.set_xscale("log")
         ax.xaxis.set_major_formatter(count_formatter())
-        ax.set_xlabel(f"{net} trunk parameters (mean over seeds; bar: min-max)", fontsize=8)
+        ax.set_xlabel(f"{'' if net == 'trunk' else net + ' '}trunk parameters (mean over seeds; bar: min-max)",
+                      fontsize=8)
         ax.set_ylabel(f"final {metric} (mean ± std over seeds)", fontsize=8)
         ax.set_title(net, fontsize=9)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    ncol = 2 if len(labels) > 4 else 1
+    ncol = 2 if len(labels) > 4 and len(nets) > 1 else 1
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
     fig.suptitle(f"final {metric} against trunk size; markers: method", fontsize=10)
     fig.tight_layout(rect=(0, 0.04 + 0.045 * math.ceil(len(labels) / ncol), 1, 0.94))
