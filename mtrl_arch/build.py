@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,34 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     if cfg.domain == "rl":
         return train_rl(cfg, run_dir, resume, progress)
     return train_supervised(cfg, run_dir, resume, progress)
+
+
+def report(run_dirs: list[Path], out: Path | None = None, reference: Path | None = None,
+           baseline: str | None = None) -> Path:
+    """``mtrl-arch report``: :func:`mtrl_arch.report.make_report` with the dense-prediction metrics' directions."""
+    from .envs.vision_metrics import LOWER_IS_BETTER as dense
+    from .report import make_report
+
+    return make_report(run_dirs, out, reference, baseline, dense)
+
+
+def report_at_end(cfg: Config, run_dir: Path, since: float) -> Path | None:
+    """The run's own report in ``RUN_DIR/report`` (what ``mtrl-arch report RUN_DIR --out RUN_DIR/report`` writes)
+    once a training has finished: ``model.pt`` written since ``since`` (a run stopped by a signal writes none).
+    None when ``train.report`` is off or the run stopped; a failing report is one warning line, never the run's
+    failure (its checkpoint and model are saved before)."""
+    model = run_dir / "model.pt"
+    # 1 s of slack: a file's mtime comes from a coarser clock than time.time(); no training finishes within it
+    if not cfg.train.report or not model.is_file() or model.stat().st_mtime < since - 1.0:
+        return None
+    try:
+        with warnings.catch_warnings():  # a figure's layout notes are no news at the end of a training
+            warnings.simplefilter("ignore")
+            return report([run_dir], run_dir / "report")
+    except Exception as e:  # noqa: BLE001 - the run is saved; a figure must not fail it
+        print(f"warning: the run's report failed ({type(e).__name__}: {' '.join(str(e).split())[:200]}); the run is "
+              f"saved; retry with `mtrl-arch report {run_dir}`", file=sys.stderr)
+        return None
 
 
 def evaluate_run(cfg: Config, run_dir: Path, episodes: int | None) -> dict[str, Any]:

@@ -2,8 +2,10 @@
 
 ``train CONFIG [key=value ...] --dry-run`` prints the resolved config (YAML, as a run's
 config.yaml holds it) and the networks' parameter counts, then exits 0 without training
-or creating a run directory. ``configs`` lists the shipped configs with their
-descriptions (the first comment line of each YAML file).
+or creating a run directory. A finished ``train`` writes the run's report into RUN_DIR/report
+(as ``report RUN_DIR`` would; ``train.report=false``: not) and its last line names that folder.
+``configs`` lists the shipped configs with their descriptions (the first comment line of each
+YAML file).
 
 Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint;
 2 user error (bad config, missing or damaged data, bad or incompatible run directory or
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -48,8 +51,9 @@ def _train(args) -> int:
     if args.dry_run:
         return _dry_run(args)
     from . import distributed
-    from .build import train
+    from .build import report_at_end, train
 
+    started = time.time()
     if not distributed.init_from_env():  # one process
         cfg, run_dir = _train_setup(args)
     else:  # torchrun: rank 0 decides (and writes); every rank gets its config and run directory
@@ -72,8 +76,12 @@ def _train(args) -> int:
         finished = True
     finally:
         distributed.shutdown(wait=finished)  # after an error another rank may never reach the barrier
-    if result and distributed.rank_from_env() == 0:
-        print(json.dumps({k: v for k, v in result.items() if "mean" in k or not k.startswith("eval/return")}, indent=1))
+    if distributed.rank_from_env() == 0:
+        if result:
+            print(json.dumps({k: v for k, v in result.items() if "mean" in k or not k.startswith("eval/return")}, indent=1))
+        report = report_at_end(cfg, run_dir, started)  # every domain, every sweep trial (a `train` process each)
+        if report is not None:
+            print(f"report written to {report}")
     return 0
 
 
@@ -198,12 +206,10 @@ def _bench(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import make_report
+    from .build import report
 
-    from .envs.vision_metrics import LOWER_IS_BETTER as dense  # the dense-prediction metrics' directions
-
-    out = make_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None,
-                      Path(args.reference) if args.reference else None, args.baseline, dense)
+    out = report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None,
+                 Path(args.reference) if args.reference else None, args.baseline)
     print(f"report written to {out}")
     return 0
 

@@ -126,6 +126,7 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     threads: int = 0                  # torch CPU threads (0: torch's default); 1 avoids oversubscription on a busy CPU
     keep_checkpoints: int = 2
+    report: bool = True               # a finished run writes its report (mtrl-arch report RUN_DIR) into RUN_DIR/report
     # RL
     total_env_steps: int = 20_000_000  # environment steps summed over all tasks (MT10: 2M per task)
     warmup_steps: int = 4_000         # vector steps of uniform random actions before learning
