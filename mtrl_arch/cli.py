@@ -2,8 +2,10 @@
 
 ``train CONFIG [key=value ...] --dry-run`` prints the resolved config (YAML, as a run's
 config.yaml holds it) and the networks' parameter counts, then exits 0 without training
-or creating a run directory. ``configs`` lists the shipped configs with their
-descriptions (the first comment line of each YAML file).
+or creating a run directory. A finished ``train`` writes the run's report into RUN_DIR/report
+(as ``report RUN_DIR`` would; ``train.report=false``: not) and its last line names that folder.
+``configs`` lists the shipped configs with their descriptions (the first comment line of each
+YAML file).
 
 Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint;
 2 user error (bad config, missing or damaged data, bad or incompatible run directory or
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -53,9 +56,10 @@ def _train(args) -> int:
     from contextlib import ExitStack
 
     from . import distributed
-    from .build import train
+    from .build import report_at_end, train
 
-    with ExitStack() as held:  # the run directory's lock (rank 0's under torchrun), until the run ends
+    started = time.time()
+    with ExitStack() as held:  # the run directory's lock (rank 0's under torchrun), until the run's report is written
         if not distributed.init_from_env():  # one process
             cfg, run_dir = _train_setup(args, held)
         else:  # torchrun: rank 0 decides, locks and writes; every rank gets its config and run directory
@@ -78,8 +82,13 @@ def _train(args) -> int:
             finished = True
         finally:
             distributed.shutdown(wait=finished)  # after an error another rank may never reach the barrier
-    if result and distributed.rank_from_env() == 0:
-        print(json.dumps({k: v for k, v in result.items() if "mean" in k or not k.startswith("eval/return")}, indent=1))
+        if distributed.rank_from_env() == 0:
+            if result:
+                print(json.dumps({k: v for k, v in result.items() if "mean" in k or not k.startswith("eval/return")},
+                                 indent=1))
+            report = report_at_end(cfg, run_dir, started)  # every domain, every sweep trial (a `train` process each)
+            if report is not None:
+                print(f"report written to {report}")
     return 0
 
 
@@ -150,12 +159,18 @@ def _dry_run(args) -> int:
 
         _refuse_a_finished_start(new_run_dir(cfg))
     _preflight(cfg)
-    counts, counted = param_counts(cfg)
+    counts, counted, trees = param_counts(cfg)  # first: it writes matched widths (model.match_params) into cfg
     print("# the resolved config, as a run's config.yaml writes it less its run: record (dry run: nothing trained, "
           "no run directory made)")
     print(to_yaml(cfg), end="")
     print("---\n# parameter counts (weights), built on the CPU without an environment or data")
-    print(yaml.safe_dump({"parameters": counts, "counted": counted}, sort_keys=False, width=1 << 16), end="")
+    # trees known before training (hps, stl, manual, random): each task's module per stage and the derive record
+    shown = {k: {"per_task": t.to_dict()["per_task"], "derive": {k2: v for k2, v in t.derive.items() if k2 != "scores"}}
+             for k, t in trees.items()}
+    print(yaml.safe_dump({"parameters": counts, "counted": counted, **({"trees": shown} if shown else {})},
+                         sort_keys=False, width=1 << 16), end="")
+    for k, t in trees.items():  # the same trees, rendered, as comments
+        print("\n".join(f"# {line}" for line in [f"[{k}]", *t.render().splitlines()]))
     return 0
 
 
@@ -205,12 +220,10 @@ def _bench(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import make_report
+    from .build import report
 
-    from .envs.vision_metrics import LOWER_IS_BETTER as dense  # the dense-prediction metrics' directions
-
-    out = make_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None,
-                      Path(args.reference) if args.reference else None, args.baseline, dense)
+    out = report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None,
+                 Path(args.reference) if args.reference else None, args.baseline)
     print(f"report written to {out}")
     return 0
 

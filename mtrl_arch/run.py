@@ -126,8 +126,8 @@ def read_run_config(run_dir: Path) -> tuple[Config, dict[str, Any]]:
 
 # Config fields that fix the shapes and meaning of what a checkpoint holds: a resume must match them.
 RESUME_KEYS = ("domain", "env.name", "env.tasks", "env.max_episode_steps", "arch.method", "arch.options",
-               "arch.val_fraction", "model.hidden", "model.activation", "model.backbone", "model.options",
-               "agent.algo", "agent.critic_hidden", "agent.buffer_size", "data.name", "data.tasks", "weighting.method")
+               "arch.actor", "arch.critic", "arch.val_fraction", "model.hidden", "model.activation", "model.backbone",
+               "model.options", "agent.algo", "agent.critic_hidden", "agent.buffer_size", "data.name", "data.tasks", "weighting.method")
 
 
 def _get(cfg: Config, dotted: str) -> Any:

@@ -4,9 +4,10 @@ once, also while the killed run's children (async vector env workers, W&B's serv
 on; readers and ``--dry-run`` take no lock; under torchrun rank 0 holds it; a sweep's trials hold their own.
 
 Runs are the real CLI on Multi-Fashion+MNIST (LeNet, a few batches; the real files under MTRL_ARCH_DATA, else
-the subset in tests/fixtures/data) or real Meta-World (two tasks, async vector env). A first run that must be
-alive while a second is tried is a subprocess paused just after its first checkpoint (until the test lets it
-go), so the timing never depends on the machine's load. About a minute and a half on two busy cores.
+the subset in tests/fixtures/data) or real Meta-World (two tasks, async vector env; marked slow). A first run
+that must be alive while a second is tried is a subprocess paused just after its first checkpoint (until the
+test lets it go), so the timing never depends on the machine's load. About a minute on two busy cores (the
+slow MT-SAC test: 40 s more).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def tiny(cache: Path, *extra: str) -> list[str]:
     base = [*data_overrides("mnist", "fashion_mnist"), f"data.options.cache_dir={cache}", "model.backbone=lenet",
             "data.options.train_subset=256", "data.options.eval_subset=64", "train.batch_size=8", "train.epochs=3",
             "train.limit_batches=3", "eval.limit_batches=1", "eval.batch_size=64", "data.num_workers=0",
-            "wandb.mode=disabled", "train.threads=1"]
+            "wandb.mode=disabled", "train.threads=1", "train.report=false"]
     given = {e.split("=", 1)[0] for e in extra}
     return [*(o for o in base if o.split("=", 1)[0] not in given), *extra]
 
@@ -226,7 +227,7 @@ RL = ["mt10_hps", "env.tasks=[reach-v3,push-v3]", "env.vector=async", "env.max_e
       "model.hidden=[32,32]", "train.total_env_steps=200", "train.warmup_steps=40", "train.updates_per_step=0.25",
       "train.checkpoint_every_env_steps=100", "train.log_every=100", "eval.every_env_steps=0",
       "eval.final_episodes_per_task=1", "agent.batch_per_task=16", "agent.buffer_size=1000", "wandb.mode=offline",
-      "device=cpu", "train.threads=1"]
+      "device=cpu", "train.threads=1", "train.report=false"]
 
 
 @pytest.mark.slow  # about a minute on two busy cores; test_children_that_outlive_... checks the same in a second

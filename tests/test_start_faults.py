@@ -5,7 +5,7 @@ run's files keep their bytes (its lock file's included).
 
 The faults are real: a read-only bind mount (root ignores permission bits) and a small, filled tmpfs,
 mounted for the test and unmounted after it; where mounting is not allowed those tests skip, saying so.
-The runs are the tiny supervised runs of test_run_lock.py. About 20 s.
+The runs are the tiny supervised runs of test_run_lock.py. A few seconds.
 """
 from __future__ import annotations
 
