@@ -144,7 +144,14 @@ def test_a_second_writer_is_refused_and_the_first_finishes_undisturbed(tmp_path,
     out, err = p.communicate(timeout=240)
     assert p.returncode == 0, err[-3000:]
     assert_log_clean(d, [3, 6, 9])
-    assert (d / "model.pt").is_file()
+    # undisturbed: the log of a run that nobody tried to join, line for line (wall-clock times aside)
+    alone = tmp_path / "alone"
+    assert main(["train", "--no-progress", CONFIG, *tiny(cache), f"run_dir={alone}"]) == 0
+    assert untimed(read_metrics(d)) == untimed(read_metrics(alone))
+
+
+def untimed(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in lines]
 
 
 def test_sigkill_then_resume_works_at_once(tmp_path, cache, capsys, one_thread):
