@@ -9,7 +9,8 @@ YAML file).
 
 Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint;
 2 user error (bad config, missing or damaged data, bad or incompatible run directory or
-checkpoint; ``sweep``: a bad grid, or no Ray where one is asked for); 3 training diverged
+checkpoint; ``eval --video``: no off-screen renderer, the line names what to install;
+``sweep``: a bad grid, or no Ray where one is asked for); 3 training diverged
 (a non-finite loss or parameter; the last good checkpoint is kept); 4 a checkpoint could
 not be written (e.g. disk full; the previous ones are intact); 1 anything unexpected (with
 a traceback), or for ``sweep`` one or more failed trials (listed in one line; the others
@@ -178,11 +179,19 @@ def _configs(args) -> int:
 
 
 def _eval(args) -> int:
-    from .build import evaluate_run
+    from .build import evaluate_run, videos_rl
     from .run import read_run_config
 
-    cfg, _ = read_run_config(Path(args.run_dir))
-    res = evaluate_run(cfg, Path(args.run_dir), args.episodes)
+    run_dir = Path(args.run_dir)
+    cfg, _ = read_run_config(run_dir)
+    if args.video is not None:
+        out = Path(args.video) if args.video else run_dir / "videos"
+        videos = videos_rl(cfg, run_dir, out, args.episodes)
+        for v in videos.values():
+            print(f"{v['path'].name}: {v['frames']} frames, {v['path'].stat().st_size / 1024:.0f} kB ({v['caption']})")
+        print(f"videos written to {out}")
+        return 0
+    res = evaluate_run(cfg, run_dir, args.episodes)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -242,7 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="evaluate a trained run")
     e.add_argument("run_dir")
-    e.add_argument("--episodes", type=int, default=None, help="episodes per task (default: the benchmark's protocol)")
+    e.add_argument("--episodes", type=int, default=None,
+                   help="episodes per task (default: the benchmark's protocol; with --video: 1)")
+    e.add_argument("--video", nargs="?", const="", default=None, metavar="DIR",
+                   help="RL: instead of scores, one video per task of the deterministic policy in DIR "
+                        "(default RUN_DIR/videos), rendered off-screen (EGL, else OSMesa; MUJOCO_GL overrides)")
     e.set_defaults(fn=_eval)
     a = sub.add_parser("arch", help="print a run's derived architecture")
     a.add_argument("run_dir")
