@@ -35,7 +35,7 @@ variation exactly once: same expectation as metaworld's protocol, lower variance
 :func:`record_episodes` plays the same first episodes with rendering on (rollout videos,
 :mod:`mtrl_arch.envs.video`).
 
-This module imports numpy, gymnasium, mujoco and metaworld only (no torch, nothing from agents/).
+This module imports numpy, gymnasium and metaworld only (no torch, nothing from agents/).
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from functools import partial
 from typing import Any
 
 import gymnasium as gym
-import mujoco
 import numpy as np
 
 import metaworld
