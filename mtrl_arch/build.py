@@ -71,6 +71,7 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
         return _train_sb3_stl(cfg, run_dir, tasks, device, resume, progress)
     # data-parallel (torchrun): every rank trains on its own envs, rank 0 alone reads and writes the run directory
     main = distributed.is_main()
+    videos = main and _can_render(cfg)
     found = find_resume(run_dir, lambda d: shared_state(d, MTSAC.RANK_LOCAL)) if resume else None
     # the same goals on every rank (env seed = run seed); each rank's episodes are seeded by RLRun
     env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, vector=cfg.env.vector,
@@ -111,6 +112,8 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
             logger.summary(final)
             agent.save(str(run_dir / "model.pt.tmp"))
             os.replace(run_dir / "model.pt.tmp", run_dir / "model.pt")
+            if videos:
+                _final_videos(cfg, run_dir, logger, learner.progress())
         return dict(learner.last_eval)
     finally:
         if logger is not None:
@@ -129,6 +132,7 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
         raise ConfigError(f"{run_dir} was checkpointed by an older mtrl-arch (checkpoints/sb3/, no checksums) and "
                           "cannot be resumed; `mtrl-arch eval` still reads its models; start a new run to train on")
     found = find_resume(run_dir) if resume else None
+    videos = _can_render(cfg)
     # the settings record of the same tasks; each SB3 agent sees its task's 39-d obs without the one-hot
     meta_env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, max_episode_steps=cfg.env.max_episode_steps or None,
                            reward_version=cfg.env.reward_version, one_hot=False)
@@ -156,6 +160,8 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
         if final is not None:
             logger.summary(final)
             learner.save_model(run_dir / "model.pt")
+            if videos:
+                _final_videos(cfg, run_dir, logger, learner.progress())
         return dict(learner.last_eval)
     finally:
         if logger is not None:
@@ -163,34 +169,82 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
         learner.close()
 
 
-def eval_rl(run_dir: Path, episodes: int | None, cfg: Config) -> dict[str, Any]:
+def _rl_policy(run_dir: Path, cfg: Config) -> tuple[Any, tuple[str, ...], bool]:
+    """A run's deterministic policy (``model.pt``, else its latest checkpoint), its tasks, and whether its
+    observations carry the task one-hot (MT-SAC) or not (one SB3 agent per task)."""
     from .agents.sac import MTSAC
-    from .envs.metaworld import ACTION_DIM, evaluate, observation_dim, resolve_tasks
+    from .envs.metaworld import ACTION_DIM, observation_dim, resolve_tasks
 
-    model = run_dir / "model.pt"
-    found = None
+    tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
     if cfg.agent.algo == "sb3_stl":
         from .agents.sb3_baseline import load_sb3_policy
 
-        tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
-        policy = load_sb3_policy(run_dir, tasks, str(resolve_device(cfg.device)))
-        res = evaluate(policy.act, cfg.env.name, tasks, cfg.seed, episodes, cfg.env.max_episode_steps or None,
-                       None, cfg.env.reward_version, one_hot=False)
-        return {"success_rate": res["success_rate"], "mean_success_rate": res["mean_success_rate"],
-                "episodes_per_task": res["episodes_per_task"]}
+        return load_sb3_policy(run_dir, tasks, str(resolve_device(cfg.device))).act, tasks, False
+    model = run_dir / "model.pt"
     if model.is_file():
         agent = MTSAC.load(str(model), device=resolve_device(cfg.device))
     else:
         found = load_latest(run_dir / "checkpoints")
         if found is None:
             raise ConfigError(f"{run_dir} has neither model.pt nor a readable checkpoint to evaluate")
-        tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
         agent = MTSAC(tasks, observation_dim(len(tasks)), ACTION_DIM, cfg, resolve_device(cfg.device))
         agent.load_state_dict(found[1]["agent"])
-    res = evaluate(lambda o: agent.act(o, deterministic=True), cfg.env.name, agent.tasks, cfg.seed, episodes,
-                   cfg.env.max_episode_steps or None, None, cfg.env.reward_version)
+    return (lambda o: agent.act(o, deterministic=True)), tuple(agent.tasks), True
+
+
+def eval_rl(run_dir: Path, episodes: int | None, cfg: Config) -> dict[str, Any]:
+    from .envs.metaworld import evaluate
+
+    policy, tasks, one_hot = _rl_policy(run_dir, cfg)
+    res = evaluate(policy, cfg.env.name, tasks, cfg.seed, episodes, cfg.env.max_episode_steps or None, None,
+                   cfg.env.reward_version, one_hot=one_hot)
     return {"success_rate": res["success_rate"], "mean_success_rate": res["mean_success_rate"],
             "episodes_per_task": res["episodes_per_task"]}
+
+
+def videos_rl(cfg: Config, run_dir: Path, out_dir: Path, episodes: int | None = None) -> dict[str, dict]:
+    """``eval --video``: one video per task of the run's deterministic policy (its first ``episodes``
+    evaluation episodes, default 1) in ``out_dir``; :func:`mtrl_arch.envs.video.record_videos`'s result.
+    Raises RendererUnavailable (a ConfigError) when nothing can render, before the model is loaded."""
+    if cfg.domain != "rl":
+        raise ConfigError(f"{run_dir} is a supervised run; videos are rollouts of RL runs (mtrl-arch eval without --video)")
+    if episodes is not None and episodes < 1:
+        raise ConfigError(f"--episodes must be at least 1; got {episodes}")
+    from .envs.video import offscreen_backend, record_videos
+
+    offscreen_backend()  # fails (one line) before anything is loaded
+    policy, tasks, one_hot = _rl_policy(run_dir, cfg)
+    return record_videos(policy, cfg.env.name, tasks, cfg.seed, out_dir, episodes or 1,
+                         cfg.env.max_episode_steps or None, None, cfg.env.reward_version, one_hot)
+
+
+def _can_render(cfg: Config) -> bool:
+    """Whether ``eval.video`` asks for videos and something can render them; if not, one warning line now
+    (not after hours of training), and the run goes on."""
+    if not cfg.eval.video:
+        return False
+    from .envs.video import RendererUnavailable, offscreen_backend
+
+    try:
+        offscreen_backend()
+    except RendererUnavailable as e:
+        warnings.warn(f"eval.video: {e}; training goes on, without videos", stacklevel=2)
+        return False
+    return True
+
+
+def _final_videos(cfg: Config, run_dir: Path, logger: Logger, step: int) -> None:
+    """``eval.video``: the saved model's videos into ``run_dir/videos`` and to W&B; never stops the run
+    (a failure is one warning line: the model and the logs are already written)."""
+    try:
+        videos = videos_rl(cfg, run_dir, run_dir / "videos")
+    except Exception as e:  # noqa: BLE001 - a video is never worth the run
+        warnings.warn(f"eval.video: no videos ({' '.join(str(e).split())[:300]}); the run's results are saved",
+                      stacklevel=2)
+        return
+    print(f"videos: {run_dir / 'videos'}", file=sys.stderr)
+    logger.log_videos({f"video/{t}": v["path"] for t, v in videos.items()}, step,
+                      {f"video/{t}": v["caption"] for t, v in videos.items()})
 
 
 def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,

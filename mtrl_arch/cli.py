@@ -10,10 +10,11 @@ YAML file).
 Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint;
 2 user error (bad config, missing or damaged data, bad or incompatible run directory or
 checkpoint, a run directory that is read-only, a file, or in use by another ``train``, which
-holds a lock on it for the life of its run; ``sweep``: a bad grid, or no Ray where one is
-asked for); 3 training diverged (a non-finite loss or parameter; the last good checkpoint is
-kept); 4 a checkpoint, or the run directory at the start, could not be written (e.g. disk
-full; the previous files are intact, nothing half-written); 1 anything unexpected (with
+holds a lock on it for the life of its run; ``eval --video``: no off-screen renderer, the line
+names what to install; ``sweep``: a bad grid, or no Ray where one is asked for); 3 training
+diverged (a non-finite loss or parameter; the last good checkpoint is kept); 4 a checkpoint,
+or the run directory at the start, could not be written (e.g. disk full; the previous files
+are intact, nothing half-written); 1 anything unexpected (with
 a traceback), or for ``sweep`` one or more failed trials (listed in one line; the others
 ran to the end). Exit codes 2-4 print one line on stderr and no traceback; ``--debug``
 shows the traceback instead.
@@ -133,15 +134,15 @@ def _train_setup(args, held, data_parallel: bool = False):
             write_run_info(run_dir, cfg, {"resumed_with": list(args.overrides)})
     else:
         run_dir = new_run_dir(cfg)
-        _refuse_a_finished_start(run_dir)
+        _refuse_an_existing_run(run_dir)
         _preflight(cfg)
         held.enter_context(lock_run_dir(run_dir, create=True))
-        _refuse_a_finished_start(run_dir)  # one that started and ended between the check above and the lock
+        _refuse_an_existing_run(run_dir)  # one started since the check above (it would hold the lock, or have ended)
         print(f"run directory: {run_dir}", file=sys.stderr)
     return cfg, run_dir
 
 
-def _refuse_a_finished_start(run_dir: Path) -> None:
+def _refuse_an_existing_run(run_dir: Path) -> None:
     if (run_dir / "config.yaml").exists():
         raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
 
@@ -157,7 +158,7 @@ def _dry_run(args) -> int:
     if not args.resume:  # as train would refuse it
         from .run import new_run_dir
 
-        _refuse_a_finished_start(new_run_dir(cfg))
+        _refuse_an_existing_run(new_run_dir(cfg))
     _preflight(cfg)
     counts, counted, trees = param_counts(cfg)  # first: it writes matched widths (model.match_params) into cfg
     print("# the resolved config, as a run's config.yaml writes it less its run: record (dry run: nothing trained, "
@@ -192,11 +193,19 @@ def _configs(args) -> int:
 
 
 def _eval(args) -> int:
-    from .build import evaluate_run
+    from .build import evaluate_run, videos_rl
     from .run import read_run_config
 
-    cfg, _ = read_run_config(Path(args.run_dir))
-    res = evaluate_run(cfg, Path(args.run_dir), args.episodes)
+    run_dir = Path(args.run_dir)
+    cfg, _ = read_run_config(run_dir)
+    if args.video is not None:
+        out = Path(args.video) if args.video else run_dir / "videos"
+        videos = videos_rl(cfg, run_dir, out, args.episodes)
+        for v in videos.values():
+            print(f"{v['path'].name}: {v['frames']} frames, {v['path'].stat().st_size / 1024:.0f} kB ({v['caption']})")
+        print(f"videos written to {out}")
+        return 0
+    res = evaluate_run(cfg, run_dir, args.episodes)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -256,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="evaluate a trained run")
     e.add_argument("run_dir")
-    e.add_argument("--episodes", type=int, default=None, help="episodes per task (default: the benchmark's protocol)")
+    e.add_argument("--episodes", type=int, default=None,
+                   help="episodes per task (default: the benchmark's protocol; with --video: 1)")
+    e.add_argument("--video", nargs="?", const="", default=None, metavar="DIR",
+                   help="RL: instead of scores, one video per task of the deterministic policy in DIR "
+                        "(default RUN_DIR/videos), rendered off-screen (EGL, else OSMesa; MUJOCO_GL overrides)")
     e.set_defaults(fn=_eval)
     a = sub.add_parser("arch", help="print a run's derived architecture")
     a.add_argument("run_dir")

@@ -151,6 +151,7 @@ class EvalConfig:
     every_env_steps: int = 500_000    # RL periodic evaluation, in env steps summed over tasks (0: only at the end)
     episodes_per_task: int = 10       # RL periodic evaluation episodes (final: metaworld's 50 goals unless final_episodes_per_task)
     final_episodes_per_task: int = 0  # 0: metaworld's protocol (one episode per goal variation, 50 per task)
+    video: bool = False               # RL: after the final evaluation, one video per task into RUN_DIR/videos and W&B
     every_epochs: int = 1             # supervised: evaluate every N epochs (and after the last)
     limit_batches: int = 0            # supervised: cap on evaluation batches per split (0: all), for smoke runs
     batch_size: int = 0               # supervised: evaluation batch size (0: train.batch_size)
@@ -494,6 +495,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"arch.derive_margin must be in [0, 1); got {cfg.arch.derive_margin}")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints must be at least 1")
+    if cfg.eval.video and cfg.domain != "rl":
+        raise ConfigError("eval.video records rollouts of RL runs; leave it false for supervised runs")
     if cfg.env.name not in ("MT10", "MT50"):
         raise ConfigError(f"env.name must be MT10 or MT50; got {cfg.env.name!r}")
     if not all(isinstance(h, int) and h > 0 for h in cfg.model.hidden):
