@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from mtrl_arch import distributed
 from mtrl_arch.checkpoint import save_model_file
-from mtrl_arch.config import Config
+from mtrl_arch.config import Config, network_arch
 from mtrl_arch.search import TrunkSpec, make_method
 from mtrl_arch.steps import weight_parameters, weight_step
 from mtrl_arch.tree import Tree
@@ -174,13 +174,15 @@ class MTSAC:
             torch.manual_seed(config.seed)
             m, critic_hidden = config.model, list(a.critic_hidden or config.model.hidden)
             tie = config.seed if m.tied_init else None
-            self.actor_method = make_method(config.arch.method, actor_spec(tasks, obs_dim, action_dim, m.hidden, m.activation,
-                                                                           m.init, tie), config.arch.options, config.seed,
-                                            derive=config.arch)
-            self.critic_method = make_method(config.arch.method, critic_spec(tasks, obs_dim, action_dim, critic_hidden,
-                                                                             m.activation, m.init, tie), config.arch.options,
-                                             config.seed, derive=config.arch)
-            self.searching = self.actor_method.searches and config.arch.search_steps > 0
+            # each network's method from its own arch (arch.actor.*, arch.critic.* over arch.*); a fixed one trains
+            # through the other's search
+            arch_a, arch_c = network_arch(config.arch, "actor"), network_arch(config.arch, "critic")
+            self.actor_method = make_method(arch_a.method, actor_spec(tasks, obs_dim, action_dim, m.hidden, m.activation,
+                                                                      m.init, tie), arch_a.options, config.seed, derive=arch_a)
+            self.critic_method = make_method(arch_c.method, critic_spec(tasks, obs_dim, action_dim, critic_hidden,
+                                                                        m.activation, m.init, tie), arch_c.options,
+                                             config.seed, derive=arch_c)
+            self.searching = (self.actor_method.searches or self.critic_method.searches) and config.arch.search_steps > 0
             # architecture steps hold out whole episodes (Meta-World's are 500 steps unless the config says otherwise)
             episode_len = episode_len or config.env.max_episode_steps or 500
             self.replay = TaskBalancedReplay(T, max(1, a.buffer_size // T), obs_dim, action_dim, self.device,
@@ -375,11 +377,14 @@ class MTSAC:
         """Architecture updates on held-out replay: the critic's TD loss, the actor's loss."""
         for m in (self.critic_method, self.actor_method):
             m.on_step(step)
-        if not self.actor_method.phase(step).arch or self.replay.n_val() == 0:  # no held-out episode yet
+        critic_arch, actor_arch = self.critic_method.phase(step).arch, self.actor_method.phase(step).arch
+        if not (critic_arch or actor_arch) or self.replay.n_val() == 0:  # no held-out episode yet
             return
         v = self.replay.sample(self.batch, "val", self.sample_gen)
-        self.critic_method.arch_step(self._critic_losses(v, self._td_target(v, alpha)))
-        self.actor_method.arch_step(self._actor_losses(v, alpha)[0])
+        if critic_arch:
+            self.critic_method.arch_step(self._critic_losses(v, self._td_target(v, alpha)))
+        if actor_arch:
+            self.actor_method.arch_step(self._actor_losses(v, alpha)[0])
 
     # ---- acting ---------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -49,6 +49,7 @@ __all__ = [
     "ResNetBasicBlockBank",
     "PoolLinearBank",
     "resnet18_stages",
+    "lenet_sizes",
     "lenet_stages",
     "classification_heads",
     "EmbeddingBank",
@@ -328,19 +329,27 @@ def resnet18_stages(in_ch: int = 1, width: int = 64, out_features: int = 100) ->
     return specs
 
 
-def lenet_stages(width: int = 1) -> list[StageSpec]:
+def lenet_stages(width: float = 1) -> list[StageSpec]:
     """Pareto MTL's LeNet for 36x36 single-channel inputs, 3 stages (heads 50w -> 10), w = ``width``:
 
     * stage 0: conv 1->10w (9x9) + ReLU + max-pool 2: ``[1, 36, 36] -> [10w, 14, 14]``;
     * stage 1: conv 10w->20w (5x5) + ReLU + max-pool 2: ``-> [20w, 5, 5]``;
     * stage 2: flatten (500w) + linear -> 50w + ReLU: ``-> [50w]``.
+
+    A fractional ``width`` rounds each size (1.2: 12, 24, 60), so a trunk can be sized between the integer
+    multiples, whose counts grow about fourfold a step (width matching needs the steps in between).
     """
-    c1, c2, f = 10 * width, 20 * width, 50 * width
+    c1, c2, f = lenet_sizes(width)
     return [
         StageSpec(lambda n: ConvStageBank(n, 1, c1, 9, bn=False, relu=True, pool=2), f"conv 1->{c1} 9x9 + pool"),
         StageSpec(lambda n: ConvStageBank(n, c1, c2, 5, bn=False, relu=True, pool=2), f"conv {c1}->{c2} 5x5 + pool"),
         StageSpec(lambda n: _FlattenLinearBank(n, c2 * 5 * 5, f, "relu"), f"fc {c2 * 25}->{f}"),
     ]
+
+
+def lenet_sizes(width: float) -> tuple[int, int, int]:
+    """LeNet's conv channels and fc width at a width multiplier (the heads read the last)."""
+    return max(1, round(10 * width)), max(1, round(20 * width)), max(1, round(50 * width))
 
 
 def classification_heads(in_features: int, n_classes: int) -> StageFactory:

@@ -32,6 +32,9 @@ goal variations without replacement (metaworld's ``PseudoRandomTaskSelectWrapper
 seeded permutation of the 50 goals), so ``episodes_per_task=None`` runs every goal
 variation exactly once: same expectation as metaworld's protocol, lower variance.
 
+:func:`record_episodes` plays the same first episodes with rendering on (rollout videos,
+:mod:`mtrl_arch.envs.video`).
+
 This module imports numpy, gymnasium and metaworld only (no torch, nothing from agents/).
 """
 
@@ -62,6 +65,7 @@ __all__ = [
     "make_benchmark",
     "MetaWorldMT",
     "evaluate",
+    "record_episodes",
     "default_reward_version",
 ]
 
@@ -197,8 +201,11 @@ def _make_sub_env(
     reward_version: str,
     terminate_on_success: bool,
     task_select: str,
+    render_size: int = 0,
+    camera: str | None = None,
 ) -> gym.Env:
-    """One sub-env: metaworld's own wrapper stack (``_init_each_env``) for one task."""
+    """One sub-env: metaworld's own wrapper stack (``_init_each_env``) for one task; with ``render_size``,
+    ``render()`` gives ``render_size``-square RGB frames from ``camera`` (see :func:`_frame`)."""
     with warnings.catch_warnings():
         # OneHotWrapper builds a float32 Box from float64 bounds: harmless precision warning.
         warnings.filterwarnings("ignore", message=".*precision lowered.*")
@@ -213,8 +220,18 @@ def _make_sub_env(
             num_tasks=num_tasks,
             task_select=task_select,
             reward_function_version=reward_version,
+            **({"render_mode": "rgb_array", "camera_name": camera, "width": render_size, "height": render_size}
+               if render_size else {}),
         )
     base = env.unwrapped
+    if render_size:
+        cams = [base.model.camera(i).name for i in range(base.model.ncam)]
+        if camera not in cams:
+            raise ValueError(f"unknown camera {camera!r}; metaworld's are {', '.join(cams)}")
+        # the shadow map (4096 px square) and the table's reflection are ~70 % of a software-rendered frame
+        # (OSMesa, or Mesa's EGL); the scene reads well without them. Rendering only: physics is unchanged
+        base.model.light_castshadow[:] = 0
+        base.model.mat_reflectance[:] = 0
     if max_episode_steps > base.max_path_length:
         # the raw env truncates at (and refuses to step past) max_path_length
         base.max_path_length = max_episode_steps
@@ -273,6 +290,8 @@ class MetaWorldMT:
         terminate_on_success: bool = False,
         task_select: str = "random",
         async_context: str | None = None,
+        render_size: int = 0,
+        camera: str = "corner",
     ) -> None:
         """Build the vector env.
 
@@ -291,6 +310,9 @@ class MetaWorldMT:
             task_select: 'random' (goal drawn with replacement at each reset, metaworld's MT
                 default) or 'pseudorandom' (seeded permutation of the 50 goals, cycled).
             async_context: multiprocessing start method for 'async' (None: gymnasium's default).
+            render_size: > 0: every sub-env renders ``render_size``-square RGB frames off-screen from
+                ``camera`` (a metaworld camera name); the backend must be chosen first
+                (:func:`mtrl_arch.envs.video.offscreen_backend`).
         """
         self.benchmark = _canonical_benchmark(benchmark)
         self.tasks: tuple[str, ...] = resolve_tasks(self.benchmark, tasks)
@@ -336,6 +358,8 @@ class MetaWorldMT:
                 reward_version=self.reward_version,
                 terminate_on_success=self.terminate_on_success,
                 task_select=self.task_select,
+                render_size=int(render_size),
+                camera=camera,
             )
             for i, t in enumerate(self.tasks)
         ]
@@ -582,3 +606,90 @@ def evaluate(
         "episodes_per_task": k,
         "episodes": episodes,
     }
+
+
+def _frame(sub: gym.Env) -> np.ndarray:
+    """The current RGB frame of a sub-env built with ``render_size``, upright.
+
+    Every sub-env has its own OpenGL context, and gymnasium makes a context current only when it creates
+    it (or switches between one env's render modes): each frame is rendered after making its own env's
+    context current, not the last-created one's. Gymnasium flips OpenGL's bottom-up rows; a camera whose image "up"
+    points down in the world (metaworld 3.1.1's ``corner``: ``xyaxes="-1 1 0 -0.2 -0.2 -1"``) still comes out
+    upside down, and turning it by 180 degrees (not flipping its rows alone, which would mirror the scene)
+    makes it upright.
+    """
+    base = sub.unwrapped
+    renderer = base.mujoco_renderer
+    if renderer.viewer is not None:
+        renderer.viewer.make_context_current()
+    frame = np.asarray(sub.render())
+    cam = renderer.camera_id
+    if cam >= 0 and base.data.cam_xmat[cam].reshape(3, 3)[2, 1] < 0:  # the camera's y axis, in world z
+        frame = frame[::-1, ::-1]
+    return np.ascontiguousarray(frame)
+
+
+def record_episodes(
+    policy: Callable[[np.ndarray], np.ndarray],
+    benchmark: str,
+    tasks: Sequence[str] | str | None,
+    seed: int,
+    on_frame: Callable[[str, np.ndarray], None],
+    episodes_per_task: int = 1,
+    max_episode_steps: int | None = None,
+    benchmark_obj: Any | None = None,
+    reward_version: str | None = None,
+    one_hot: bool = True,
+    size: int = 256,
+    stride: int = 2,
+    camera: str = "corner",
+) -> dict[str, list[dict]]:
+    """:func:`evaluate`'s first ``episodes_per_task`` episodes of every task, rendered: ``on_frame(task, frame)``
+    after each reset, every ``stride``-th step of an episode and its last step (uint8 ``[size, size, 3]``).
+
+    Same envs, goals and early stop at success as :func:`evaluate`, so with a deterministic ``policy`` the
+    episodes are the evaluation's first ones. Returns ``{task: [record, ...]}`` (records as in
+    :meth:`MetaWorldMT.pop_finished_episodes`). The off-screen backend must be set up first
+    (:func:`mtrl_arch.envs.video.offscreen_backend`).
+    """
+    k = int(episodes_per_task)
+    env = MetaWorldMT(benchmark=benchmark, tasks=tasks, seed=seed, vector="sync", max_episode_steps=max_episode_steps,
+                      one_hot=one_hot, benchmark_obj=benchmark_obj, reward_version=reward_version,
+                      terminate_on_success=True, task_select="pseudorandom", render_size=size, camera=camera)
+    try:
+        # each task's env is stepped by itself, not through the vector env, whose same-step autoreset would
+        # leave the next episode's first state where an episode's last frame should be rendered
+        subs = env.vector_env.envs
+        records: dict[str, list[dict]] = {t: [] for t in env.tasks}
+        ret = np.zeros(env.n_tasks)
+        length = np.zeros(env.n_tasks, dtype=np.int64)
+        success = np.zeros(env.n_tasks, dtype=bool)
+        obs = env.reset()
+        for i, t in enumerate(env.tasks):
+            on_frame(t, _frame(subs[i]))
+        while any(len(r) < k for r in records.values()):
+            actions = np.asarray(policy(obs), dtype=np.float32).reshape(env.n_tasks, env.action_dim)
+            for i, t in enumerate(env.tasks):
+                if len(records[t]) >= k:
+                    continue
+                o, r, terminated, truncated, info = subs[i].step(actions[i])
+                obs[i] = np.asarray(o, dtype=np.float32).reshape(env.observation_dim)
+                ret[i] += np.float32(r)  # as MetaWorldMT sums them
+                length[i] += 1
+                success[i] |= float(info.get("success", 0.0)) > 0
+                done = bool(terminated or truncated)
+                if done or length[i] % stride == 0:
+                    on_frame(t, _frame(subs[i]))
+                if not done:
+                    continue
+                records[t].append({"task": t, "task_id": i, "return": float(ret[i]), "length": int(length[i]),
+                                   "success": bool(success[i]), "final_success": float(info.get("success", 0.0)) > 0,
+                                   "terminated": bool(terminated), "truncated": bool(truncated)})
+                ret[i], length[i], success[i] = 0.0, 0, False
+                if len(records[t]) < k:
+                    o, _ = subs[i].reset()
+                    obs[i] = np.asarray(o, dtype=np.float32).reshape(env.observation_dim)
+                    on_frame(t, _frame(subs[i]))
+    finally:
+        env.close()
+    return records

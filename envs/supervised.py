@@ -70,9 +70,9 @@ from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.options import parse_options
 from mtrl_arch.search.base import TrunkSpec
 
-from .backbones import classification_heads, lenet_stages, resnet18_stages
+from .backbones import classification_heads, lenet_sizes, lenet_stages, resnet18_stages
 from .supervised_common import (DEFAULT_ROOTS, CelebAData, GlueData, LeNetModel, MultiDigitData, ResNetModel, SceneData,
-                                TaskAdapter, TransformerModel, _lib, _spec, data_root)
+                                TaskAdapter, TransformerModel, _lib, _spec, data_root, match_model_width)
 from .supervised_data import DatasetData, TensorData, subset_indices
 
 __all__ = ["BENCHMARKS", "MODELS", "DEFAULT_ROOTS", "TaskAdapter", "check_config", "data_root", "make_adapter", "make_spec",
@@ -136,8 +136,12 @@ def check_config(cfg: Config) -> tuple[Any, Any, tuple[str, ...]]:
 
 
 def make_adapter(cfg: Config) -> TaskAdapter:
-    """The adapter for ``cfg.data.name``; raises ConfigError (bad config) or DataError (missing data)."""
+    """The adapter for ``cfg.data.name``; raises ConfigError (bad config) or DataError (missing data).
+    With ``model.match_params`` the matched width is written to ``cfg.model.options`` (GLUE: once the vocabulary,
+    which sizes the embedding, is learned)."""
     data_opts, model_opts, tasks = check_config(cfg)
+    if cfg.data.name != "glue":
+        model_opts = match_model_width(cfg, model_opts, lambda m: _spec_of(cfg, data_opts, m, tasks))
     if cfg.data.name in ("nyuv2", "cityscapes"):
         from .supervised_scenes import build_scenes as build
     elif cfg.data.name == "glue":
@@ -151,18 +155,23 @@ def make_spec(cfg: Config) -> TrunkSpec | None:
     """The trunk spec :func:`make_adapter` builds for ``cfg``, without loading any data; None where the
     data decides the network (GLUE: the vocabulary, hence the embedding, is learned from the training text)."""
     data_opts, model_opts, tasks = check_config(cfg)
+    if cfg.data.name == "glue":
+        return None
+    return _spec_of(cfg, data_opts, match_model_width(cfg, model_opts, lambda m: _spec_of(cfg, data_opts, m, tasks)),
+                    tasks)
+
+
+def _spec_of(cfg: Config, data_opts: Any, model_opts: Any, tasks) -> TrunkSpec:
     if cfg.data.name in ("nyuv2", "cityscapes"):
         from .supervised_scenes import scene_spec
 
         return scene_spec(cfg, data_opts, model_opts, tasks)
-    if cfg.data.name == "glue":
-        return None
     return _classification_spec(cfg, model_opts, tasks, *((3, 2) if cfg.data.name == "celeba" else (1, 10)))
 
 
 def _classification_spec(cfg: Config, m: Any, tasks, in_channels: int, n_classes: int) -> TrunkSpec:
     if cfg.model.backbone == "lenet":
-        stages, heads = lenet_stages(m.width), classification_heads(50 * m.width, n_classes)
+        stages, heads = lenet_stages(m.width), classification_heads(lenet_sizes(m.width)[2], n_classes)
     else:
         stages, heads = resnet18_stages(in_channels, m.width, m.out_features), classification_heads(m.out_features, n_classes)
     return _spec(tasks, stages, heads, cfg)

@@ -6,6 +6,7 @@ tied initialisation, the trunk spec, per-task head slices and metric directions.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from mtrl_arch import metrics as M
 from mtrl_arch.config import Config
 from mtrl_arch.search.base import TrunkSpec
+from mtrl_arch.search.width import fixed_trunk_params, match_width
 from mtrl_arch.trunk import tie_stages
 
 from . import vision_metrics as VM
@@ -74,7 +76,7 @@ class GlueData:
 
 @dataclass
 class LeNetModel:
-    width: int = 1            # channel and fc multiplier: conv 10w, 20w, fc 50w (1: Pareto MTL's LeNet)
+    width: float = 1          # channel and fc multiplier: conv 10w, 20w, fc 50w, rounded (1: Pareto MTL's LeNet)
 
 
 @dataclass
@@ -106,6 +108,27 @@ def _spec(tasks, stages: list, heads, cfg: Config) -> TrunkSpec:
     if cfg.model.tied_init:
         stages = tie_stages(stages, cfg.seed * 1000)
     return TrunkSpec(tuple(tasks), stages, heads, residual=residual, name="trunk")
+
+
+# each backbone's width knob in model.options (a transformer's d_model moves in multiples of its heads)
+WIDTH_KNOBS = {"lenet": "width", "resnet18": "width", "transformer": "d_model"}
+# LeNet's width is a multiplier whose integer steps change the trunk about fourfold: match it in tenths
+WIDTH_STEPS = {"lenet": 0.1}
+
+
+def match_model_width(cfg: Config, m: Any, spec_for: Callable[[Any], TrunkSpec]) -> Any:
+    """``model.match_params=N``: the model options whose trunk, under the run's fixed tree, is closest to N
+    (:mod:`mtrl_arch.search.width`); the width is written back to ``cfg.model.options``, so the run's
+    config.yaml (and ``train --dry-run``) shows it. ``spec_for(options)``: the benchmark's trunk for options."""
+    if not cfg.model.match_params:
+        return m
+    knob = WIDTH_KNOBS[cfg.model.backbone]
+    width, _ = match_width(
+        lambda w: fixed_trunk_params(cfg.arch.method, spec_for(dataclasses.replace(m, **{knob: w})), cfg.arch.options,
+                                     cfg.seed),
+        cfg.model.match_params, f"model.options.{knob}", m.n_heads if knob == "d_model" else WIDTH_STEPS.get(cfg.model.backbone, 1))
+    cfg.model.options[knob] = width
+    return dataclasses.replace(m, **{knob: width})
 
 
 def _slice(out: Tensor, t: int, width: int) -> Tensor:

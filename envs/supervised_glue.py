@@ -14,7 +14,8 @@ from torch import Tensor
 from mtrl_arch.config import Config
 
 from .backbones import classification_heads, transformer_stages
-from .supervised_common import GlueData, TaskAdapter, TransformerModel, _lib, _masked_mean, _spec, data_root
+from .supervised_common import (GlueData, TaskAdapter, TransformerModel, _lib, _masked_mean, _spec, data_root,
+                                match_model_width)
 from .supervised_data import PerTaskData, TensorData, subset_indices
 
 
@@ -93,6 +94,12 @@ def build_glue(cfg: Config, o: GlueData, m: TransformerModel, tasks) -> TaskAdap
     val_parts = [encode(s) for s in val] if all(len(s) for s in val) else []
     regression = [GLUE_TASKS[t].is_regression for t in tasks]
     width = max(GLUE_TASKS[t].n_outputs for t in tasks)
+
+    def spec_for(m: TransformerModel):  # the embedding's size is known here, once the vocabulary is learned
+        return _spec(tasks, transformer_stages(len(tok), m.d_model, m.n_heads, m.d_ff, m.n_layers, o.max_len, m.dropout),
+                     classification_heads(m.d_model, width), cfg)
+
+    m = match_model_width(cfg, m, spec_for)
     stages = transformer_stages(len(tok), m.d_model, m.n_heads, m.d_ff, m.n_layers, o.max_len, m.dropout)
     heads = classification_heads(m.d_model, width)
 

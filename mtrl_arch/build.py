@@ -7,6 +7,7 @@ the networks' parameter counts without an environment or data (``train --dry-run
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,41 @@ from .checkpoint import load_latest
 from .config import Config, ConfigError, config_from_dict
 from .logger import Logger
 from .run import resolve_device, seed_everything, write_arch, write_run_info
+from .tree import Tree
+
+
+def match_rl_widths(cfg: Config) -> None:
+    """``model.match_params`` (actor) and ``agent.critic_match_params`` (critic, both members): one hidden width per
+    network, keeping its depth, whose trunk under the network's fixed tree is closest to the target
+    (:mod:`mtrl_arch.search.width`); written to ``model.hidden`` / ``agent.critic_hidden``. A critic without
+    hidden widths of its own follows the actor's, as always."""
+    m, a = cfg.model, cfg.agent
+    if not (m.match_params or a.critic_match_params):
+        return
+    from .agents.sac import actor_spec, critic_spec
+    from .config import network_arch
+    from .envs.metaworld import ACTION_DIM, observation_dim, resolve_tasks
+    from .search.width import fixed_trunk_params, match_width
+
+    try:
+        tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
+    except ValueError as e:
+        raise ConfigError(f"env.tasks: {e}") from None
+    obs = observation_dim(len(tasks))
+    critic_depth = len(a.critic_hidden or m.hidden)
+    for target, net, make, depth in ((m.match_params, "actor", actor_spec, len(m.hidden)),
+                                     (a.critic_match_params, "critic", critic_spec, critic_depth)):
+        if not target:
+            continue
+        arch = network_arch(cfg.arch, net)
+        width, _ = match_width(lambda w: fixed_trunk_params(arch.method, make(tasks, obs, ACTION_DIM, [w] * depth,
+                                                                               m.activation, m.init),
+                                                            arch.options, cfg.seed),
+                               target, "model.hidden" if net == "actor" else "agent.critic_hidden")
+        if net == "actor":
+            m.hidden = [width] * depth
+        else:
+            a.critic_hidden = [width] * depth
 
 
 def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -27,12 +63,14 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
         tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
     except ValueError as e:
         raise ConfigError(f"env.tasks: {e}") from None
+    match_rl_widths(cfg)  # before config.yaml is written: it shows the widths
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     if cfg.agent.algo == "sb3_stl":
         return _train_sb3_stl(cfg, run_dir, tasks, device, resume, progress)
     # data-parallel (torchrun): every rank trains on its own envs, rank 0 alone reads and writes the run directory
     main = distributed.is_main()
+    videos = main and _can_render(cfg)
     found = find_resume(run_dir, lambda d: shared_state(d, MTSAC.RANK_LOCAL)) if resume else None
     # the same goals on every rank (env seed = run seed); each rank's episodes are seeded by RLRun
     env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, vector=cfg.env.vector,
@@ -72,6 +110,8 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
         if final is not None:  # finished (not stopped): the final model, written atomically
             logger.summary(final)
             agent.save(str(run_dir / "model.pt"))  # atomically
+            if videos:
+                _final_videos(cfg, run_dir, logger, learner.progress())
         return dict(learner.last_eval)
     finally:
         if logger is not None:
@@ -90,6 +130,7 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
         raise ConfigError(f"{run_dir} was checkpointed by an older mtrl-arch (checkpoints/sb3/, no checksums) and "
                           "cannot be resumed; `mtrl-arch eval` still reads its models; start a new run to train on")
     found = find_resume(run_dir) if resume else None
+    videos = _can_render(cfg)
     # the settings record of the same tasks; each SB3 agent sees its task's 39-d obs without the one-hot
     meta_env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, max_episode_steps=cfg.env.max_episode_steps or None,
                            reward_version=cfg.env.reward_version, one_hot=False)
@@ -117,6 +158,8 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
         if final is not None:
             logger.summary(final)
             learner.save_model(run_dir / "model.pt")
+            if videos:
+                _final_videos(cfg, run_dir, logger, learner.progress())
         return dict(learner.last_eval)
     finally:
         if logger is not None:
@@ -124,34 +167,82 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
         learner.close()
 
 
-def eval_rl(run_dir: Path, episodes: int | None, cfg: Config) -> dict[str, Any]:
+def _rl_policy(run_dir: Path, cfg: Config) -> tuple[Any, tuple[str, ...], bool]:
+    """A run's deterministic policy (``model.pt``, else its latest checkpoint), its tasks, and whether its
+    observations carry the task one-hot (MT-SAC) or not (one SB3 agent per task)."""
     from .agents.sac import MTSAC
-    from .envs.metaworld import ACTION_DIM, evaluate, observation_dim, resolve_tasks
+    from .envs.metaworld import ACTION_DIM, observation_dim, resolve_tasks
 
-    model = run_dir / "model.pt"
-    found = None
+    tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
     if cfg.agent.algo == "sb3_stl":
         from .agents.sb3_baseline import load_sb3_policy
 
-        tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
-        policy = load_sb3_policy(run_dir, tasks, str(resolve_device(cfg.device)))
-        res = evaluate(policy.act, cfg.env.name, tasks, cfg.seed, episodes, cfg.env.max_episode_steps or None,
-                       None, cfg.env.reward_version, one_hot=False)
-        return {"success_rate": res["success_rate"], "mean_success_rate": res["mean_success_rate"],
-                "episodes_per_task": res["episodes_per_task"]}
+        return load_sb3_policy(run_dir, tasks, str(resolve_device(cfg.device))).act, tasks, False
+    model = run_dir / "model.pt"
     if model.is_file():
         agent = MTSAC.load(str(model), device=resolve_device(cfg.device))
     else:
         found = load_latest(run_dir / "checkpoints")
         if found is None:
             raise ConfigError(f"{run_dir} has neither model.pt nor a readable checkpoint to evaluate")
-        tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
         agent = MTSAC(tasks, observation_dim(len(tasks)), ACTION_DIM, cfg, resolve_device(cfg.device))
         agent.load_state_dict(found[1]["agent"])
-    res = evaluate(lambda o: agent.act(o, deterministic=True), cfg.env.name, agent.tasks, cfg.seed, episodes,
-                   cfg.env.max_episode_steps or None, None, cfg.env.reward_version)
+    return (lambda o: agent.act(o, deterministic=True)), tuple(agent.tasks), True
+
+
+def eval_rl(run_dir: Path, episodes: int | None, cfg: Config) -> dict[str, Any]:
+    from .envs.metaworld import evaluate
+
+    policy, tasks, one_hot = _rl_policy(run_dir, cfg)
+    res = evaluate(policy, cfg.env.name, tasks, cfg.seed, episodes, cfg.env.max_episode_steps or None, None,
+                   cfg.env.reward_version, one_hot=one_hot)
     return {"success_rate": res["success_rate"], "mean_success_rate": res["mean_success_rate"],
             "episodes_per_task": res["episodes_per_task"]}
+
+
+def videos_rl(cfg: Config, run_dir: Path, out_dir: Path, episodes: int | None = None) -> dict[str, dict]:
+    """``eval --video``: one video per task of the run's deterministic policy (its first ``episodes``
+    evaluation episodes, default 1) in ``out_dir``; :func:`mtrl_arch.envs.video.record_videos`'s result.
+    Raises RendererUnavailable (a ConfigError) when nothing can render, before the model is loaded."""
+    if cfg.domain != "rl":
+        raise ConfigError(f"{run_dir} is a supervised run; videos are rollouts of RL runs (mtrl-arch eval without --video)")
+    if episodes is not None and episodes < 1:
+        raise ConfigError(f"--episodes must be at least 1; got {episodes}")
+    from .envs.video import offscreen_backend, record_videos
+
+    offscreen_backend()  # fails (one line) before anything is loaded
+    policy, tasks, one_hot = _rl_policy(run_dir, cfg)
+    return record_videos(policy, cfg.env.name, tasks, cfg.seed, out_dir, episodes or 1,
+                         cfg.env.max_episode_steps or None, None, cfg.env.reward_version, one_hot)
+
+
+def _can_render(cfg: Config) -> bool:
+    """Whether ``eval.video`` asks for videos and something can render them; if not, one warning line now
+    (not after hours of training), and the run goes on."""
+    if not cfg.eval.video:
+        return False
+    from .envs.video import RendererUnavailable, offscreen_backend
+
+    try:
+        offscreen_backend()
+    except RendererUnavailable as e:
+        warnings.warn(f"eval.video: {e}; training goes on, without videos", stacklevel=2)
+        return False
+    return True
+
+
+def _final_videos(cfg: Config, run_dir: Path, logger: Logger, step: int) -> None:
+    """``eval.video``: the saved model's videos into ``run_dir/videos`` and to W&B; never stops the run
+    (a failure is one warning line: the model and the logs are already written)."""
+    try:
+        videos = videos_rl(cfg, run_dir, run_dir / "videos")
+    except Exception as e:  # noqa: BLE001 - a video is never worth the run
+        warnings.warn(f"eval.video: no videos ({' '.join(str(e).split())[:300]}); the run's results are saved",
+                      stacklevel=2)
+        return
+    print(f"videos: {run_dir / 'videos'}", file=sys.stderr)
+    logger.log_videos({f"video/{t}": v["path"] for t, v in videos.items()}, step,
+                      {f"video/{t}": v["caption"] for t, v in videos.items()})
 
 
 def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
@@ -236,14 +327,44 @@ def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = Tru
     return train_supervised(cfg, run_dir, resume, progress)
 
 
+def report(run_dirs: list[Path], out: Path | None = None, reference: Path | None = None,
+           baseline: str | None = None) -> Path:
+    """``mtrl-arch report``: :func:`mtrl_arch.report.make_report` with the dense-prediction metrics' directions."""
+    from .envs.vision_metrics import LOWER_IS_BETTER as dense
+    from .report import make_report
+
+    return make_report(run_dirs, out, reference, baseline, dense)
+
+
+def report_at_end(cfg: Config, run_dir: Path, since: float) -> Path | None:
+    """The run's own report in ``RUN_DIR/report`` (what ``mtrl-arch report RUN_DIR --out RUN_DIR/report`` writes)
+    once a training has finished: ``model.pt`` written since ``since`` (a run stopped by a signal writes none).
+    None when ``train.report`` is off or the run stopped; a failing report is one warning line, never the run's
+    failure (its checkpoint and model are saved before)."""
+    model = run_dir / "model.pt"
+    # 1 s of slack: a file's mtime comes from a coarser clock than time.time(); no training finishes within it
+    if not cfg.train.report or not model.is_file() or model.stat().st_mtime < since - 1.0:
+        return None
+    try:
+        with warnings.catch_warnings():  # a figure's layout notes are no news at the end of a training
+            warnings.simplefilter("ignore")
+            return report([run_dir], run_dir / "report")
+    except Exception as e:  # noqa: BLE001 - the run is saved; a figure must not fail it
+        print(f"warning: the run's report failed ({type(e).__name__}: {' '.join(str(e).split())[:200]}); the run is "
+              f"saved; retry with `mtrl-arch report {run_dir}`", file=sys.stderr)
+        return None
+
+
 def evaluate_run(cfg: Config, run_dir: Path, episodes: int | None) -> dict[str, Any]:
     if cfg.domain == "rl":
         return eval_rl(run_dir, episodes, cfg)
     return eval_supervised(cfg, run_dir)
 
 
-def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str]:
-    """The weight counts of the networks a run of ``cfg`` starts with, and what was counted.
+def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str, dict[str, Tree]]:
+    """The weight counts of the networks a run of ``cfg`` starts with, what was counted, and the trees
+    known before training (methods that do not search: hps, stl, manual, random's drawn tree; else none).
+    Widths matched to a parameter count (``model.match_params``) are written to ``cfg``, as a run writes them.
 
     Built on the CPU without an environment or data: RL's MT-SAC actor and critic (their
     search networks while ``arch.search_steps`` > 0; the counts ``params/actor/*`` and
@@ -253,7 +374,7 @@ def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str]:
     if cfg.domain == "rl":
         if cfg.agent.algo == "sb3_stl":
             return None, ("counts need the environments: agent.algo=sb3_stl trains one stable-baselines3 SAC per "
-                          "task, whose networks SB3 builds from the task's environment")
+                          "task, whose networks SB3 builds from the task's environment"), {}
         from .agents.sac import MTSAC
         from .envs.metaworld import ACTION_DIM, observation_dim, resolve_tasks
 
@@ -261,13 +382,15 @@ def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str]:
             tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
         except ValueError as e:
             raise ConfigError(f"env.tasks: {e}") from None
+        match_rl_widths(cfg)
         d = cfg.to_dict()  # the counts do not depend on the device, the replay's size or compilation
         d["device"] = "cpu"
         d["agent"]["buffer_size"], d["train"]["compile"] = len(tasks), False
         agent = MTSAC(tasks, observation_dim(len(tasks)), ACTION_DIM, config_from_dict(d), "cpu")
         what = ("the actor's and critic's search networks (arch.search_steps > 0; the derived trees are counted "
                 "when the search ends)" if agent.searching else "the actor and critic (both critics of the ensemble)")
-        return agent.param_counts(), f"{what}, {len(tasks)} tasks, obs {agent.obs_dim}, action {agent.action_dim}"
+        return (agent.param_counts(), f"{what}, {len(tasks)} tasks, obs {agent.obs_dim}, action {agent.action_dim}",
+                dict(agent.trees))
     from .envs.supervised import make_spec
     from .search import make_method
     from .steps import weight_parameters
@@ -276,13 +399,14 @@ def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str]:
     spec = make_spec(cfg)
     if spec is None:
         return None, (f"counts need the data: data.name={cfg.data.name} learns its vocabulary, hence the embedding's "
-                      "size, from the training text")
+                      "size, from the training text"), {}
     method = make_method(cfg.arch.method, spec, cfg.arch.options, cfg.seed, derive=cfg.arch)
     if method.searches and cfg.arch.search_steps > 0:
         total = sum(p.numel() for p in weight_parameters(method.build()))
         return ({"search": {"total": total}}, "the search network (arch.search_steps > 0; the derived tree's trunk "
-                                              "is counted when the search ends)")
-    return {"trunk": Trunk(method.derive(), spec.stages, spec.heads).param_counts()}, "the trunk of the derived tree"
+                                              "is counted when the search ends)", {})
+    tree = method.derive()
+    return {"trunk": Trunk(tree, spec.stages, spec.heads).param_counts()}, "the trunk of the derived tree", {"trunk": tree}
 
 
 def benchmarks() -> dict[str, tuple[type, Any]]:

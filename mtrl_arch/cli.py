@@ -2,14 +2,19 @@
 
 ``train CONFIG [key=value ...] --dry-run`` prints the resolved config (YAML, as a run's
 config.yaml holds it) and the networks' parameter counts, then exits 0 without training
-or creating a run directory. ``configs`` lists the shipped configs with their
-descriptions (the first comment line of each YAML file).
+or creating a run directory. A finished ``train`` writes the run's report into RUN_DIR/report
+(as ``report RUN_DIR`` would; ``train.report=false``: not) and its last line names that folder.
+``configs`` lists the shipped configs with their descriptions (the first comment line of each
+YAML file).
 
 Exit codes: 0 finished, or stopped by SIGINT/SIGTERM after saving a checkpoint;
 2 user error (bad config, missing or damaged data, bad or incompatible run directory or
-checkpoint; ``sweep``: a bad grid, or no Ray where one is asked for); 3 training diverged
-(a non-finite loss or parameter; the last good checkpoint is kept); 4 a checkpoint could
-not be written (e.g. disk full; the previous ones are intact); 1 anything unexpected (with
+checkpoint, a run directory that is read-only, a file, or in use by another ``train``, which
+holds a lock on it for the life of its run; ``eval --video``: no off-screen renderer, the line
+names what to install; ``sweep``: a bad grid, or no Ray where one is asked for); 3 training
+diverged (a non-finite loss or parameter; the last good checkpoint is kept); 4 a checkpoint,
+or the run directory at the start, could not be written (e.g. disk full; the previous files
+are intact, nothing half-written); 1 anything unexpected (with
 a traceback), or for ``sweep`` one or more failed trials (listed in one line; the others
 ran to the end). Exit codes 2-4 print one line on stderr and no traceback; ``--debug``
 shows the traceback instead.
@@ -20,12 +25,14 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
 from .config import ConfigError, load_config
+from .errors import RunWriteError
 
-EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_CHECKPOINT_WRITE = 2, 3, 4
+EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_WRITE = 2, 3, 4
 
 
 def _preflight(cfg) -> None:
@@ -47,33 +54,42 @@ def _preflight(cfg) -> None:
 def _train(args) -> int:
     if args.dry_run:
         return _dry_run(args)
+    from contextlib import ExitStack
+
     from . import distributed
-    from .build import train
+    from .build import report_at_end, train
 
-    if not distributed.init_from_env():  # one process
-        cfg, run_dir = _train_setup(args)
-    else:  # torchrun: rank 0 decides (and writes); every rank gets its config and run directory
-        from .config import config_from_dict
+    started = time.time()
+    with ExitStack() as held:  # the run directory's lock (rank 0's under torchrun), until the run's report is written
+        if not distributed.init_from_env():  # one process
+            cfg, run_dir = _train_setup(args, held)
+        else:  # torchrun: rank 0 decides, locks and writes; every rank gets its config and run directory
+            from .config import config_from_dict
 
-        msg = None
-        if distributed.is_main():
-            try:
-                cfg, run_dir = _train_setup(args, data_parallel=True)
-                msg = ("ok", cfg.to_dict(), str(run_dir))
-            except ConfigError as e:
-                msg = ("error", str(e), "")
-        kind, payload, where = distributed.broadcast_object(msg)
-        if kind == "error":
-            raise ConfigError(payload)
-        cfg, run_dir = config_from_dict(payload), Path(where)
-    finished = False
-    try:
-        result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
-        finished = True
-    finally:
-        distributed.shutdown(wait=finished)  # after an error another rank may never reach the barrier
-    if result and distributed.rank_from_env() == 0:
-        print(json.dumps({k: v for k, v in result.items() if "mean" in k or not k.startswith("eval/return")}, indent=1))
+            msg = None
+            if distributed.is_main():
+                try:
+                    cfg, run_dir = _train_setup(args, held, data_parallel=True)
+                    msg = ("ok", cfg.to_dict(), str(run_dir))
+                except (ConfigError, RunWriteError) as e:
+                    msg = ("error", e, "")
+            kind, payload, where = distributed.broadcast_object(msg)
+            if kind == "error":
+                raise payload  # every rank stops with rank 0's error (and its exit code)
+            cfg, run_dir = config_from_dict(payload), Path(where)
+        finished = False
+        try:
+            result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+            finished = True
+        finally:
+            distributed.shutdown(wait=finished)  # after an error another rank may never reach the barrier
+        if distributed.rank_from_env() == 0:
+            if result:
+                print(json.dumps({k: v for k, v in result.items() if "mean" in k or not k.startswith("eval/return")},
+                                 indent=1))
+            report = report_at_end(cfg, run_dir, started)  # every domain, every sweep trial (a `train` process each)
+            if report is not None:
+                print(f"report written to {report}")
     return 0
 
 
@@ -103,23 +119,32 @@ def _resolve_config(args, data_parallel: bool = False):
     return cfg
 
 
-def _train_setup(args, data_parallel: bool = False):
-    """The run's config and directory (a new one, or the one to resume), checked; records a resume's overrides."""
+def _train_setup(args, held, data_parallel: bool = False):
+    """The run's config and directory (a new one, or the one to resume), checked and locked (the lock goes on
+    ``held``, an ExitStack, before anything is written there or a checkpoint read); records a resume's overrides."""
     from .run import new_run_dir, write_run_info
+    from .run_lock import lock_run_dir
 
     cfg = _resolve_config(args, data_parallel)
     if args.resume:
         run_dir = Path(args.resume)
+        _preflight(cfg)
+        held.enter_context(lock_run_dir(run_dir))
         if args.overrides:  # e.g. a larger train.total_env_steps: record what the run now is
             write_run_info(run_dir, cfg, {"resumed_with": list(args.overrides)})
     else:
         run_dir = new_run_dir(cfg)
-        if (run_dir / "config.yaml").exists():
-            raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
-    _preflight(cfg)
-    if not args.resume:
+        _refuse_an_existing_run(run_dir)
+        _preflight(cfg)
+        held.enter_context(lock_run_dir(run_dir, create=True))
+        _refuse_an_existing_run(run_dir)  # one started since the check above (it would hold the lock, or have ended)
         print(f"run directory: {run_dir}", file=sys.stderr)
     return cfg, run_dir
+
+
+def _refuse_an_existing_run(run_dir: Path) -> None:
+    if (run_dir / "config.yaml").exists():
+        raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
 
 
 def _dry_run(args) -> int:
@@ -133,16 +158,20 @@ def _dry_run(args) -> int:
     if not args.resume:  # as train would refuse it
         from .run import new_run_dir
 
-        run_dir = new_run_dir(cfg)
-        if (run_dir / "config.yaml").exists():
-            raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another run_dir")
+        _refuse_an_existing_run(new_run_dir(cfg))
     _preflight(cfg)
-    counts, counted = param_counts(cfg)
+    counts, counted, trees = param_counts(cfg)  # first: it writes matched widths (model.match_params) into cfg
     print("# the resolved config, as a run's config.yaml writes it less its run: record (dry run: nothing trained, "
           "no run directory made)")
     print(to_yaml(cfg), end="")
     print("---\n# parameter counts (weights), built on the CPU without an environment or data")
-    print(yaml.safe_dump({"parameters": counts, "counted": counted}, sort_keys=False, width=1 << 16), end="")
+    # trees known before training (hps, stl, manual, random): each task's module per stage and the derive record
+    shown = {k: {"per_task": t.to_dict()["per_task"], "derive": {k2: v for k2, v in t.derive.items() if k2 != "scores"}}
+             for k, t in trees.items()}
+    print(yaml.safe_dump({"parameters": counts, "counted": counted, **({"trees": shown} if shown else {})},
+                         sort_keys=False, width=1 << 16), end="")
+    for k, t in trees.items():  # the same trees, rendered, as comments
+        print("\n".join(f"# {line}" for line in [f"[{k}]", *t.render().splitlines()]))
     return 0
 
 
@@ -164,11 +193,19 @@ def _configs(args) -> int:
 
 
 def _eval(args) -> int:
-    from .build import evaluate_run
+    from .build import evaluate_run, videos_rl
     from .run import read_run_config
 
-    cfg, _ = read_run_config(Path(args.run_dir))
-    res = evaluate_run(cfg, Path(args.run_dir), args.episodes)
+    run_dir = Path(args.run_dir)
+    cfg, _ = read_run_config(run_dir)
+    if args.video is not None:
+        out = Path(args.video) if args.video else run_dir / "videos"
+        videos = videos_rl(cfg, run_dir, out, args.episodes)
+        for v in videos.values():
+            print(f"{v['path'].name}: {v['frames']} frames, {v['path'].stat().st_size / 1024:.0f} kB ({v['caption']})")
+        print(f"videos written to {out}")
+        return 0
+    res = evaluate_run(cfg, run_dir, args.episodes)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -192,12 +229,10 @@ def _bench(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import make_report
+    from .build import report
 
-    from .envs.vision_metrics import LOWER_IS_BETTER as dense  # the dense-prediction metrics' directions
-
-    out = make_report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None,
-                      Path(args.reference) if args.reference else None, args.baseline, dense)
+    out = report([Path(p) for p in args.run_dirs], Path(args.out) if args.out else None,
+                 Path(args.reference) if args.reference else None, args.baseline)
     print(f"report written to {out}")
     return 0
 
@@ -237,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="evaluate a trained run")
     e.add_argument("run_dir")
-    e.add_argument("--episodes", type=int, default=None, help="episodes per task (default: the benchmark's protocol)")
+    e.add_argument("--episodes", type=int, default=None,
+                   help="episodes per task (default: the benchmark's protocol; with --video: 1)")
+    e.add_argument("--video", nargs="?", const="", default=None, metavar="DIR",
+                   help="RL: instead of scores, one video per task of the deterministic policy in DIR "
+                        "(default RUN_DIR/videos), rendered off-screen (EGL, else OSMesa; MUJOCO_GL overrides)")
     e.set_defaults(fn=_eval)
     a = sub.add_parser("arch", help="print a run's derived architecture")
     a.add_argument("run_dir")
@@ -312,8 +351,8 @@ def _exit_code(e: BaseException) -> int | None:
 
     if isinstance(e, NonFiniteError):
         return EXIT_DIVERGED
-    if isinstance(e, CheckpointWriteError):
-        return EXIT_CHECKPOINT_WRITE
+    if isinstance(e, (CheckpointWriteError, RunWriteError)):
+        return EXIT_WRITE
     user_errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, TreeError, CheckpointError)
     try:
         from .envs.vision import DataError

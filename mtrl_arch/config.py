@@ -49,7 +49,7 @@ def load_yaml_text(text: str) -> Any:
 
 @dataclass
 class ArchConfig:
-    method: str = "hps"               # hps | stl | manual | conal | conal_pro | ltb | adashare | recon
+    method: str = "hps"               # hps | stl | manual | random | conal | conal_pro | ltb | adashare | recon
     search_steps: int = 0             # architecture-search steps before deriving (RL: vector env steps)
     retrain: Literal["scratch", "continue"] = "scratch"  # after deriving: retrain from scratch (paper) or keep the searched weights
     conflict_noticed: bool = False    # withhold a shared group's update on steps where task gradients conflict there
@@ -66,6 +66,29 @@ class ArchConfig:
     # > 0: the best tree by the search's scores whose trunk (shared + subgroup + specific modules, heads
     # not counted) has at most this many parameters, per network (RL: actor and critic each); needs derive=argmax
     max_params: int = 0
+    min_params: int = 0               # > 0: a lower bound on the trunk (arch.method=random draws within [min_params, max_params])
+    # RL: one network's own values of the fields in PER_NETWORK (e.g. arch.critic.method=stl, arch.actor.max_params=N);
+    # unset ones inherit arch.* (options only when the method is arch.method's); resolved, both networks show in full
+    actor: dict = field(default_factory=dict)   # RL actor's overrides of PER_NETWORK fields ({}: arch.* as is)
+    critic: dict = field(default_factory=dict)  # RL critic's overrides (both members of the twin critic)
+
+
+# what arch.actor / arch.critic may set (search scheduling, retraining and the conflict settings stay shared)
+PER_NETWORK = ("method", "options", "derive", "derive_margin", "max_params", "min_params")
+NETWORKS = ("actor", "critic")
+
+
+def network_arch(arch: ArchConfig, network: str) -> ArchConfig:
+    """The arch settings the RL ``network`` (actor or critic) uses: ``arch.*`` with ``arch.<network>.*`` over it."""
+    own = getattr(arch, network)
+    for k in own:
+        if k not in PER_NETWORK:
+            raise unknown_key(f"arch.{network}", str(k), PER_NETWORK)
+    method = coerce(own.get("method", arch.method), str, f"arch.{network}.method")
+    options = coerce(own.get("options"), dict, f"arch.{network}.options")
+    values = {k: coerce(v, _hint(ArchConfig, k), f"arch.{network}.{k}") for k, v in own.items() if k not in ("method", "options")}
+    return dataclasses.replace(arch, method=method, options={**(arch.options if method == arch.method else {}), **options},
+                               actor={}, critic={}, **values)
 
 
 @dataclass
@@ -84,6 +107,9 @@ class ModelConfig:
     # authors' code (one pretrained backbone); ensembles (SAC's twin critics) tie within each member
     tied_init: bool = True
     options: dict = field(default_factory=dict)
+    # > 0: the width whose trunk under the run's fixed tree (hps, stl, manual) is closest to this many parameters
+    # (ties: the narrower), written back here (hidden, options.width, options.d_model); RL: the actor's
+    match_params: int = 0             # trunk parameter target for the width (0: off; widths as given)
 
 
 @dataclass
@@ -100,6 +126,7 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     threads: int = 0                  # torch CPU threads (0: torch's default); 1 avoids oversubscription on a busy CPU
     keep_checkpoints: int = 2
+    report: bool = True               # a finished run writes its report (mtrl-arch report RUN_DIR) into RUN_DIR/report
     # RL
     total_env_steps: int = 20_000_000  # environment steps summed over all tasks (MT10: 2M per task)
     warmup_steps: int = 4_000         # vector steps of uniform random actions before learning
@@ -124,6 +151,7 @@ class EvalConfig:
     every_env_steps: int = 500_000    # RL periodic evaluation, in env steps summed over tasks (0: only at the end)
     episodes_per_task: int = 10       # RL periodic evaluation episodes (final: metaworld's 50 goals unless final_episodes_per_task)
     final_episodes_per_task: int = 0  # 0: metaworld's protocol (one episode per goal variation, 50 per task)
+    video: bool = False               # RL: after the final evaluation, one video per task into RUN_DIR/videos and W&B
     every_epochs: int = 1             # supervised: evaluate every N epochs (and after the last)
     limit_batches: int = 0            # supervised: cap on evaluation batches per split (0: all), for smoke runs
     batch_size: int = 0               # supervised: evaluation batch size (0: train.batch_size)
@@ -159,6 +187,7 @@ class AgentConfig:
     target_entropy: float = 0.0       # 0: -|A|
     adam_eps: float = 1e-5            # Adam's epsilon for the actor, critic and entropy coefficients (the reference's)
     critic_hidden: list = field(default_factory=list)  # empty: model.hidden
+    critic_match_params: int = 0      # > 0: the critic's hidden width by model.match_params's rule (both members' trunks)
     log_std_min: float = -20.0
     log_std_max: float = 2.0
     # weighting=dwa: RL has no epochs, so an "epoch" is this many updates; DWA weighs each task by the ratio of
@@ -308,7 +337,10 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
             for old in (f"{key}.{o}" for o in v):
                 if old in _RENAMED:
                     raise _renamed(old)
-            cur.update(v)  # option mappings merge, so a.options.x=1 keeps a.options.y
+            if key in ("arch.actor", "arch.critic"):  # arch.critic.options.x=1 keeps arch.critic.options.y
+                _deep_update(cur, v)
+            else:
+                cur.update(v)  # option mappings merge, so a.options.x=1 keeps a.options.y
         else:
             setattr(obj, k, coerce(v, _hint(type(obj), k), key))
 
@@ -478,10 +510,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"arch.derive must be one of argmax, margin; got {cfg.arch.derive!r}")
     if not 0.0 <= cfg.arch.derive_margin < 1.0:
         raise ConfigError(f"arch.derive_margin must be in [0, 1); got {cfg.arch.derive_margin}")
-    if cfg.arch.max_params < 0:
-        raise ConfigError(f"arch.max_params must be >= 0 (0: no budget); got {cfg.arch.max_params}")
     if cfg.train.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints must be at least 1")
+    if cfg.eval.video and cfg.domain != "rl":
+        raise ConfigError("eval.video records rollouts of RL runs; leave it false for supervised runs")
     if cfg.env.name not in ("MT10", "MT50"):
         raise ConfigError(f"env.name must be MT10 or MT50; got {cfg.env.name!r}")
     for key, widths in (("model.hidden", cfg.model.hidden), ("agent.critic_hidden", cfg.agent.critic_hidden)):
@@ -499,20 +531,22 @@ def validate(cfg: Config) -> None:
         if too_long:  # a file system's limit on one name: caught here, not by a half-made run directory
             raise ConfigError(f"{key}: the name {too_long[0][:40]!r}... is longer than a file name may be "
                               f"({255 - room} bytes)")
+    per_network = cfg.arch.actor or cfg.arch.critic
+    if per_network and cfg.domain != "rl":
+        raise ConfigError("arch.actor and arch.critic set one RL network's arch; a supervised run has one trunk: "
+                          "set arch.* instead")
+    if per_network and cfg.agent.algo == "sb3_stl":
+        raise ConfigError("agent.algo=sb3_stl trains one network per task: set arch.method=stl, without arch.actor "
+                          "or arch.critic")
     if cfg.agent.algo == "sb3_stl" and cfg.arch.method != "stl":
         raise ConfigError(f"agent.algo=sb3_stl trains one network per task: set arch.method=stl (got {cfg.arch.method!r})")
-    # method registries (imported here: config -> search/weighting only for validation)
-    from .search import DeriveRule, get_method
-    try:
-        method = get_method(cfg.arch.method)
-        parse_options(method.Options, cfg.arch.options, "arch.options")
-        # combinations (max_params with margin) and what the method supports; the budget's lower
-        # bound needs the network, so make_method checks it
-        method.check_derive_rule(DeriveRule.of(cfg.arch))
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    if method.searches and cfg.arch.search_steps <= 0:
-        raise ConfigError(f"arch.method={cfg.arch.method} searches: set arch.search_steps > 0 (e.g. arch.search_steps=1000)")
+    archs = {n: network_arch(cfg.arch, n) for n in NETWORKS} if per_network else {"": cfg.arch}
+    for net, arch in archs.items():
+        _check_method(arch, f"arch.{net}." if net else "arch.", cfg.arch.search_steps)
+    _check_width_match(cfg)
+    if per_network:  # the resolved config shows what each network uses
+        for net, arch in archs.items():
+            setattr(cfg.arch, net, {k: getattr(arch, k) for k in PER_NETWORK})
     from . import weighting as W
     try:
         W.make_weighting(cfg.weighting.method, n_tasks=2, **cfg.weighting.options)
@@ -520,6 +554,40 @@ def validate(cfg: Config) -> None:
         raise  # already one line naming its key
     except (ValueError, TypeError) as e:
         raise ConfigError(f"weighting: {e}") from None
+
+
+def _check_width_match(cfg: Config) -> None:
+    """model.match_params / agent.critic_match_params: positive targets for networks with a tree known up front."""
+    from .search import get_method
+
+    targets = {"model.match_params": (cfg.model.match_params, "actor" if cfg.domain == "rl" else None)}
+    if cfg.domain == "rl":
+        targets["agent.critic_match_params"] = (cfg.agent.critic_match_params, "critic")
+    elif cfg.agent.critic_match_params:
+        raise ConfigError("agent.critic_match_params applies to RL runs; a supervised run sizes its trunk with "
+                          "model.match_params")
+    for key, (n, net) in targets.items():
+        if n < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: off); got {n}")
+        method = (network_arch(cfg.arch, net) if net else cfg.arch).method
+        if n and (get_method(method).searches or method == "random"):
+            raise ConfigError(f"{key} sizes a network under a tree known before training (hps, stl, manual); "
+                              f"its method is {method}")
+
+
+def _check_method(arch: ArchConfig, where: str, search_steps: int) -> None:
+    """The method, its options and derive rule (``where``: ``arch.`` or ``arch.actor.``, naming the keys)."""
+    from .search import DeriveRule, get_method  # config -> search only for validation
+    try:
+        method = get_method(arch.method)
+        parse_options(method.Options, arch.options, f"{where}options")
+        # combinations (max_params with margin) and what the method supports; the budget's lower
+        # bound needs the network, so make_method checks it
+        method.check_derive_rule(DeriveRule.of(arch))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if method.searches and search_steps <= 0:
+        raise ConfigError(f"{where}method={arch.method} searches: set arch.search_steps > 0 (e.g. arch.search_steps=1000)")
 
 
 def to_yaml(cfg: Config, extra: dict[str, Any] | None = None) -> str:

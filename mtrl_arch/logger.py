@@ -103,6 +103,17 @@ class Logger:
             except Exception as e:  # noqa: BLE001
                 self._warn(f"W&B text log failed ({type(e).__name__}); keeping local logs only")
 
+    def log_videos(self, videos: dict[str, Path], step: int, captions: dict[str, str] | None = None) -> None:
+        """Video files (MP4 or GIF) to W&B under their keys at ``step``; the files stay where they are."""
+        if self._wandb is not None:
+            try:
+                import wandb
+
+                self._wandb.log({k: wandb.Video(str(p), caption=(captions or {}).get(k)) for k, p in videos.items()},
+                                step=int(step))
+            except Exception as e:  # noqa: BLE001
+                self._warn(f"W&B video log failed ({type(e).__name__}); the videos are in {self.run_dir}")
+
     def summary(self, metrics: dict[str, Any]) -> None:
         if self._wandb is not None:
             try:

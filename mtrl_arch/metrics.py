@@ -6,7 +6,7 @@ straight into JSON. Nothing here loads data.
 
 Classification: :func:`accuracy`, :func:`binary_f1`, :func:`matthews_corrcoef`.
 Regression / correlation: :func:`pearson`, :func:`spearman` (ties get their average rank).
-Multi-task summary: :func:`delta_m`.
+Multi-task summary: :func:`delta_m`. Comparing two settings seed by seed: :func:`paired_bootstrap_ci`.
 The vision metrics (segmentation, depth, normals) are in :mod:`mtrl_arch.envs.vision_metrics`.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ __all__ = [
     "spearman",
     "rankdata",
     "delta_m",
+    "paired_bootstrap_ci",
     "LOWER_IS_BETTER",
 ]
 
@@ -179,3 +180,23 @@ def delta_m(
     if per_task:
         return float(100.0 * np.mean([np.mean(r) for r in terms]))
     return float(100.0 * np.mean([v for r in terms for v in r]))
+
+
+# ---- comparing two settings ----------------------------------------------------------------
+def paired_bootstrap_ci(diffs: Any, level: float = 0.95, n_resamples: int = 10_000,
+                        seed: int = 0) -> tuple[float, float, float]:
+    """The mean of paired differences (one per seed both settings ran) and its percentile bootstrap interval.
+
+    The pairs are resampled with replacement ``n_resamples`` times (a generator seeded by
+    ``seed``: the same answer every call); the interval holds the central ``level`` share of
+    the resampled means. With one pair the interval is that difference (nothing to resample).
+    """
+    d = to_numpy(diffs).astype(np.float64).ravel()
+    if d.size == 0:
+        raise ValueError("no paired differences")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1); got {level}")
+    means = d[np.random.default_rng(seed).integers(0, d.size, size=(n_resamples, d.size))].mean(axis=1)
+    tail = 100.0 * (1.0 - level) / 2.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return float(d.mean()), float(lo), float(hi)

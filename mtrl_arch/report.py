@@ -13,16 +13,24 @@ metrics.jsonl, arch.json) and writes into ``out``:
 * ``arch-<run>.png`` / ``conflict-<run>.png`` per run that logged them: each task's architecture
   choice probabilities over the search (``arch/<network>/<task>/<choice>``: did it settle or
   stop at noise?) and each shared group's conflict / withheld / mean-cosine rates;
+* ``params-<metric>.png`` when the runs span more than one setting: the headline metric
+  against trunk parameters, one panel per network, with the frontier
+  (:mod:`mtrl_arch.params_report`);
 * ``summary.md`` (and ``summary.json``): one row per group (final mean metric +- std over
-  seeds, per-task finals, parameters) and one row per run;
+  seeds, per-task finals, parameters) and one row per run; each searched setting against
+  random trees at its budget and width-matched HPS, paired by seed;
 * with ``reference=`` (a YAML or JSON file of published points, see :func:`load_reference`):
   the points drawn on the mean panel of their metric, and a table of each group's mean at
   the points' steps against them.
 
-Matplotlib runs on the Agg backend (no display needed) and is imported only here.
+Bands are clipped to their metric's range and step axes read in k/M (:mod:`mtrl_arch.axes`).
+A run's config.yaml is data: keys this version does not know (written by a newer mtrl-arch)
+stay readable in ``RunData.record`` and set settings apart.
+Matplotlib runs on the Agg backend (no display needed) and is imported only in the plotting functions.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -31,8 +39,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_yaml_text
+from . import params_report
+from .axes import clipped_band, count_formatter
+from .config import Config, ConfigError, config_from_dict, load_yaml_text
 from .logger import read_metrics
+from .metrics import LOWER_IS_BETTER
 from .run import read_arch, read_run_config
 from .table import final_eval, headline_columns, headline_metrics, methods_table
 from .tree import Tree
@@ -40,7 +51,7 @@ from .tree import Tree
 # config fields that do not change what a run learns: ignored when grouping runs into seeds of one setting
 _BOOKKEEPING = {"seed", "run_dir", "name", "wandb", "device", "train.log_every", "train.checkpoint_every_env_steps",
                 "train.checkpoint_every_epochs", "train.keep_checkpoints", "train.save_replay", "train.threads",
-                "data.num_workers", "data.root"}
+                "data.num_workers", "data.root", "train.report"}
 _MEAN = "mean"
 
 
@@ -51,6 +62,7 @@ class RunData:
     meta: dict[str, Any]
     metrics: list[dict[str, Any]]
     trees: dict[str, Tree] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)  # config.yaml as written, flat dotted keys (run: left out)
 
     @property
     def name(self) -> str:
@@ -78,13 +90,50 @@ def load_run(path: Path) -> RunData:
     if not path.is_dir():
         raise ConfigError(f"{path} is not a run directory; expected a folder with config.yaml and metrics.jsonl "
                           "(and arch.json once a search has finished), as `mtrl-arch train` writes")
-    cfg, meta = read_run_config(path)
+    try:
+        cfg, meta = read_run_config(path)
+        record = _flatten(cfg.to_dict())
+    except ConfigError:
+        newer = _read_newer_config(path)
+        if newer is None:
+            raise
+        cfg, meta, record = newer
     if not (path / "metrics.jsonl").is_file():
         raise ConfigError(f"{path} has no metrics.jsonl; expected config.yaml, metrics.jsonl (and arch.json), "
                           "as `mtrl-arch train` writes")
     metrics = read_metrics(path)
     trees = read_arch(path) if (path / "arch.json").is_file() else {}
-    return RunData(path, cfg, meta, metrics, trees)
+    return RunData(path, cfg, meta, metrics, trees, record)
+
+
+def _read_newer_config(path: Path) -> tuple[Config, dict[str, Any], dict[str, Any]] | None:
+    """A config.yaml this version does not validate (e.g. ``arch.method=random`` or ``model.match_params`` from a
+    newer mtrl-arch): its known fields unchecked (a report only reads them), and the whole record, flat. None when
+    it is no config record at all (read_run_config's error stands)."""
+    import yaml
+
+    try:
+        d = load_yaml_text((path / "config.yaml").read_text())
+        if not isinstance(d, dict) or not isinstance(d.get("run", {}), dict):
+            return None
+        meta = d.pop("run", {})
+        cfg = config_from_dict({"domain": d.get("domain", "rl")})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError):  # missing, unreadable, not YAML, bad domain
+        return None
+
+    def fill(obj: Any, data: dict[str, Any]) -> None:
+        for f in dataclasses.fields(obj):
+            if f.name not in data:
+                continue
+            cur = getattr(obj, f.name)
+            if dataclasses.is_dataclass(cur):
+                if isinstance(data[f.name], dict):
+                    fill(cur, data[f.name])
+            else:
+                setattr(obj, f.name, data[f.name])
+
+    fill(cfg, d)
+    return cfg, meta, {**_flatten(cfg.to_dict()), **_flatten(d)}
 
 
 # ---- grouping --------------------------------------------------------------------------------------
@@ -99,9 +148,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def setting(cfg: Config) -> dict[str, Any]:
-    """The config as flat ``dotted.key: value`` without seed and bookkeeping: equal for seeds of one setting."""
-    flat = _flatten(cfg.to_dict())
+def setting(cfg: Config, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config as flat ``dotted.key: value`` without seed and bookkeeping: equal for seeds of one setting.
+    ``record``: the run's flat config.yaml, whose keys this version lacks count too."""
+    flat = {**(record or {}), **_flatten(cfg.to_dict())}
     return {k: v for k, v in flat.items() if k not in _BOOKKEEPING and k.split(".")[0] not in _BOOKKEEPING}
 
 
@@ -110,7 +160,7 @@ def group_runs(runs: list[RunData]) -> list[tuple[str, list[RunData]]]:
     groups: dict[str, list[RunData]] = {}
     keys: dict[str, dict[str, Any]] = {}
     for r in runs:
-        s = setting(r.cfg)
+        s = setting(r.cfg, r.record)
         k = json.dumps(s, sort_keys=True, default=str)
         groups.setdefault(k, []).append(r)
         keys[k] = s
@@ -122,7 +172,9 @@ def group_runs(runs: list[RunData]) -> list[tuple[str, list[RunData]]]:
     out = []
     for k, members in groups.items():
         s = keys[k]
-        label = ", ".join(f"{f}={_short(s.get(f))}" for f in differing[:4]) or members[0].cfg.name
+        # a key only some runs' records hold (written by a newer mtrl-arch) is named where it is set
+        label = ", ".join(f"{f}={_short(s[f])}" for f in [f for f in differing if s.get(f) is not None][:4]) \
+            or members[0].cfg.name
         out.append((label, members))
     return out
 
@@ -231,8 +283,7 @@ def plot_metric(groups: list[tuple[str, list[RunData]]], metric: str, path: Path
             ax.plot(steps, mean, color=c, lw=2 if task == _MEAN else 1.4, marker="o" if len(steps) < 12 else None,
                     ms=3, label=f"{label} (n={len(members)})")
             if len(members) > 1:
-                ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                color=c, alpha=0.2, lw=0)
+                ax.fill_between(steps, *clipped_band(mean, std, metric), color=c, alpha=0.2, lw=0)
         if task == _MEAN and reference is not None and reference["metric"] == metric:
             last = max((s for _, g in groups for r in g for s in _run_mean(r, metric)), default=0.0)
             for j, ser in enumerate(reference["series"]):
@@ -243,6 +294,7 @@ def plot_metric(groups: list[tuple[str, list[RunData]]], metric: str, path: Path
         ax.set_title("mean over tasks" if task == _MEAN else task, fontsize=9,
                      fontweight="bold" if task == _MEAN else "normal")
         ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_formatter(count_formatter())
         ax.grid(alpha=0.3)
         if metric == "success_rate":
             ax.set_ylim(-0.05, 1.05)
@@ -294,6 +346,7 @@ def plot_trajectories(run: RunData, prefix: str, path: Path, title: str, ylabel:
         ax.set_title(panel, fontsize=8)
         ax.set_ylim(-1.02 if prefix == "conflict" else -0.02, 1.02)  # mean cosines may be negative
         ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_formatter(count_formatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, frameon=False)
     for ax in axes.flat[len(panels):]:
@@ -473,6 +526,21 @@ def summary(groups: list[tuple[str, list[RunData]]]) -> tuple[str, dict[str, Any
     return "\n".join(lines) + "\n", data
 
 
+def _against_size(groups: list[tuple[str, list[RunData]]], out: Path,
+                  lower_is_better: dict[str, bool] | None) -> tuple[Path | None, str, list[dict]]:
+    """The headline metric against trunk parameters (``params-<metric>.png``) and each searched setting against
+    its random and width-matched HPS counterparts (:mod:`mtrl_arch.params_report`)."""
+    runs = [r for _, g in groups for r in g]
+    metrics = _headline(runs)
+    metric = headline_columns(metrics)[0] or "headline"
+    settings = params_report.settings_of(groups, [setting(g[0].cfg, g[0].record) for _, g in groups],
+                                         lambda r: _final(r, metrics).get(_MEAN))
+    lower = {**LOWER_IS_BETTER, **(lower_is_better or {})}.get(metric, False)
+    fig = params_report.plot_params(settings, metric, out / f"params-{_safe(metric)}.png", not lower)
+    table, rows = params_report.comparisons(settings, metric)
+    return fig, table, rows
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
@@ -533,6 +601,10 @@ def make_report(run_dirs: list[Path], out: Path | None = None, reference: Path |
     text, data = summary(groups)
     table, data["methods"] = methods_table(groups, baseline, lower_is_better)
     text += "\n## Methods table\n\n" + table
+    if len(groups) > 1:
+        p, table, data["against_budget"] = _against_size(groups, out, lower_is_better)
+        figures += [p] if p is not None else []
+        text += "\n" + table if table else ""
     if ref is not None:
         table, data["reference"] = reference_table(groups, ref)
         text += "\n" + table

@@ -23,6 +23,7 @@ import torch
 
 from .checkpoint import load_latest
 from .config import Config, ConfigError, config_from_dict, load_yaml_text, to_yaml
+from .run_lock import write_fault
 from .tree import Tree
 
 RUN_FORMAT_VERSION = 1
@@ -82,14 +83,23 @@ def new_run_dir(cfg: Config) -> Path:
 
 
 def write_run_info(run_dir: Path, cfg: Config, extra: dict[str, Any] | None = None) -> None:
-    """config.yaml holds the resolved config plus how the run was made (seed, versions, commit)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """config.yaml holds the resolved config plus how the run was made (seed, versions, commit).
+
+    Written whole or not at all: a failed write (full disk) leaves the previous config.yaml, or none."""
     meta = {"run": {"format_version": RUN_FORMAT_VERSION, "seed": cfg.seed, "git_commit": git_commit(),
                     "versions": versions(), "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
                     **(extra or {})}}
     tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(to_yaml(cfg, meta))
-    os.replace(tmp, run_dir / "config.yaml")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(to_yaml(cfg, meta))
+        os.replace(tmp, run_dir / "config.yaml")
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise write_fault(e, run_dir, "config.yaml") from None
 
 
 def read_run_config(run_dir: Path) -> tuple[Config, dict[str, Any]]:
@@ -116,8 +126,8 @@ def read_run_config(run_dir: Path) -> tuple[Config, dict[str, Any]]:
 
 # Config fields that fix the shapes and meaning of what a checkpoint holds: a resume must match them.
 RESUME_KEYS = ("domain", "env.name", "env.tasks", "env.max_episode_steps", "arch.method", "arch.options",
-               "arch.val_fraction", "model.hidden", "model.activation", "model.backbone", "model.options",
-               "agent.algo", "agent.critic_hidden", "agent.buffer_size", "data.name", "data.tasks", "weighting.method")
+               "arch.actor", "arch.critic", "arch.val_fraction", "model.hidden", "model.activation", "model.backbone",
+               "model.options", "agent.algo", "agent.critic_hidden", "agent.buffer_size", "data.name", "data.tasks", "weighting.method")
 
 
 def _get(cfg: Config, dotted: str) -> Any:

@@ -86,7 +86,7 @@ def iqm_ci(scores: np.ndarray, level: float = 0.95, n_resamples: int = 2000, see
     return iqm, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
-def _params(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+def logged_params(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
     """Per network, the last logged ``params/<net>/<kind>`` counts (after a search: the derived network's)."""
     out: dict[str, dict[str, int]] = {}
     for rec in records:
@@ -177,7 +177,7 @@ def methods_table(groups: list[tuple[str, list[Any]]], baseline: str | None = No
             dm = [M.delta_m(per_task(f), base_mean, lower_is_better) for f in fs] if base_mean else []
             row["delta_m"] = dm
             cells.append(mean_std(dm, "+.2f") if dm else "-")
-        params = [_params(r.metrics) for r in members]
+        params = [logged_params(r.metrics) for r in members]
         row["params"] = params
         cells.append(_params_cell(params))
         walls = [w for w in (_wall(r.metrics) for r in members) if w is not None]

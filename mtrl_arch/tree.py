@@ -226,7 +226,11 @@ class Tree:
             return []
         rule = d.get("rule", "?") + (f" (margin {d['margin']})" if "margin" in d else "")
         budget = f"max_params {d['max_params']}" if d.get("max_params") else "no parameter budget"
+        budget += f", min_params {d['min_params']}" if d.get("min_params") else ""
         lines = [f"derive: {rule}; {budget}"]
+        if "admissible" in d:  # arch.method=random: what it drew from
+            lines.append(f"drawn uniformly (seed {d.get('seed')}) from the {d['admissible']} trees of the "
+                         f"{d.get('space')} space with a trunk in {d.get('band')}")
         c = d.get("params") or {}
         if c:
             lines.append(f"params: trunk {c.get('trunk')} (shared {c.get('shared')}, subgroup {c.get('subgroup')}, "

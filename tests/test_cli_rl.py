@@ -130,3 +130,22 @@ def test_search_lines_carry_every_tasks_branch_probabilities(mt10_run) -> None:
                 ps = [r[f"arch/{net}/{t}/b{b}"] for b in range(4)]  # 3 stages: branch points 0..3
                 assert sum(ps) == pytest.approx(1.0) and min(ps) > 0
     assert not any(k.startswith("arch/") for r in read_metrics(mt10_run) if r.get("phase") == "train" for k in r)
+
+
+@pytest.mark.slow  # about 35 s on the shared 2 cores; tests/test_mtsac.py checks the same mixed search without envs
+def test_per_network_methods_search_derive_and_retrain_through_the_cli(tmp_path) -> None:
+    """arch.critic.method=hps beside a searching actor (conal), on two real Meta-World tasks: the critic trains
+    through the actor's search, arch.json holds each network's tree, config.yaml what each network used."""
+    run_dir = tmp_path / "mixed"
+    over = ["env.tasks=[reach-v3,push-v3]", "arch.critic.method=hps", "arch.search_steps=40",
+            "train.total_env_steps=240", "train.warmup_steps=20", "train.updates_per_step=0.25",
+            "eval.every_env_steps=0", "eval.final_episodes_per_task=1", "env.max_episode_steps=20",
+            "model.hidden=[16,16]", "agent.batch_per_task=8", "wandb.mode=disabled", "arch.conflict_noticed=false"]
+    assert main(["train", "mt10_conal", *over, f"run_dir={run_dir}", "--no-progress"]) == 0
+    nets = json.loads((run_dir / "arch.json").read_text())["networks"]
+    assert nets["actor"]["method"] == "conal" and nets["critic"]["method"] == "hps"
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())["arch"]
+    assert written["actor"]["method"] == "conal" and written["actor"]["options"] == written["options"]
+    assert written["critic"] == {"method": "hps", "options": {}, "derive": "argmax", "derive_margin": 0.1,
+                                 "max_params": 0, "min_params": 0}
+    assert MTSAC.load(str(run_dir / "model.pt")).trees["critic"].method == "hps"

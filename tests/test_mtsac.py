@@ -11,6 +11,7 @@ import torch
 from mtrl_arch.agents.replay import TaskBalancedReplay
 from mtrl_arch.agents.sac import MTSAC
 from mtrl_arch.config import ConfigError, load_config
+from mtrl_arch.tree import Tree
 
 TASKS = ("reach-v3", "push-v3", "pick-place-v3")
 OBS, ACT = 39 + len(TASKS), 4
@@ -240,3 +241,53 @@ def test_dwa_open_epoch_survives_a_state_dict_round_trip() -> None:
         assert torch.equal(wa.last_weights, wb.last_weights), k
         for (n, p), q in zip(getattr(a, k).named_parameters(), getattr(b, k).parameters()):
             assert torch.equal(p, q), f"{k}.{n}"
+
+
+@pytest.mark.parametrize("searcher", ["actor", "critic"])
+def test_one_network_searches_while_the_other_is_fixed(searcher: str) -> None:
+    """arch.<net>.method per network: the fixed one (hps) trains through the other's search (conal), whose
+    architecture steps run on their own phase; then both derive and retrain."""
+    fixed = "critic" if searcher == "actor" else "actor"
+    agent = filled(MTSAC(TASKS, OBS, ACT, make_cfg("arch.method=conal", "arch.search_steps=6", f"arch.{fixed}.method=hps",
+                                                   "arch.options.lr=0.01"), episode_len=10))  # held-out episodes
+    assert agent.replay.n_val() > 0
+    methods = {"actor": agent.actor_method, "critic": agent.critic_method}
+    assert agent.searching and methods[searcher].name == "conal" and methods[fixed].name == "hps"
+    alpha0 = methods[searcher].net.alpha.detach().clone()
+    fixed0 = [p.detach().clone() for p in getattr(agent, fixed).parameters()]
+    for _ in range(6):
+        agent.train_step()
+    assert not torch.equal(methods[searcher].net.alpha, alpha0)  # the searcher's architecture moved
+    assert all(not torch.equal(p, q) for p, q in zip(getattr(agent, fixed).parameters(), fixed0))  # the fixed one trained
+    trees = agent.finish_search()
+    assert trees[searcher].method == "conal" and trees[fixed] == Tree.hps(TASKS, 2)
+    out = agent.train_step()
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in out.values())
+
+
+def test_per_network_arch_resolves_validates_and_budgets() -> None:
+    cfg = make_cfg("arch.method=conal", "arch.search_steps=4", "arch.options.lr=0.01", "arch.critic.method=stl",
+                   "arch.actor.max_params=5000", "arch.actor.options.tau=0.5")
+    # resolved in full: the actor keeps conal's options and adds its own; the critic's method takes none of them
+    assert cfg.arch.actor == {"method": "conal", "options": {"lr": 0.01, "tau": 0.5}, "derive": "argmax",
+                              "derive_margin": 0.1, "max_params": 5000, "min_params": 0}
+    assert cfg.arch.critic["method"] == "stl" and cfg.arch.critic["options"] == {} and cfg.arch.critic["max_params"] == 0
+    assert load_config(None, [f"{k}={v}" for k, v in [("arch.method", "conal"), ("arch.search_steps", 4)]]).arch.actor == {}
+    agent = MTSAC(TASKS, OBS, ACT, cfg)
+    assert agent.actor_method.derive_rule.max_params == 5000 and agent.critic_method.name == "stl"
+    # STL's critic trunk: 3 tasks x 2 members x ((OBS+ACT)*32+32 + 32*32+32)
+    stl_trunk = 3 * 2 * ((OBS + ACT) * 32 + 32 + 32 * 32 + 32)
+    assert agent.critic_method.derive().derive["params"]["trunk"] == stl_trunk
+    with pytest.raises(ConfigError, match=f"below the smallest tree arch.method=stl can derive for the critic network "
+                                          f"\\({stl_trunk} trunk"):
+        MTSAC(TASKS, OBS, ACT, make_cfg("arch.critic.method=stl", f"arch.critic.max_params={stl_trunk - 1}"))
+    for bad, msg in [("arch.critic.search_steps=3", "unknown config key 'arch.critic.search_steps'"),
+                     ("arch.actor.method=conl", "unknown arch.method 'conl'"),
+                     ("arch.actor.method=conal", "arch.actor.method=conal searches: set arch.search_steps > 0"),
+                     ("arch.critic.options.nope=1", "unknown config key 'arch.critic.options.nope'"),
+                     ("arch.critic.max_params=-1", "arch.max_params must be >= 0")]:
+        with pytest.raises(ConfigError, match=msg.replace("(", "\\(")) as e:
+            make_cfg(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="a supervised run has one trunk"):
+        load_config("multi_fashion_mnist_hps", ["arch.critic.method=stl"])

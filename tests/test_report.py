@@ -173,3 +173,63 @@ def test_search_trajectories_are_plotted_from_the_logged_probabilities(tmp_path)
     assert (out / f"arch-{d.name}.png").read_bytes().startswith(PNG)
     assert (out / f"conflict-{d.name}.png").read_bytes().startswith(PNG)
     assert f"arch-{d.name}.png" in (out / "summary.md").read_text()
+
+
+def test_bands_are_clipped_to_the_metrics_range():
+    from mtrl_arch.axes import clipped_band, metric_range
+
+    def band(mean, std, name):
+        lo, hi = clipped_band(mean, std, name)
+        return [round(v, 9) for v in lo], [round(v, 9) for v in hi]
+
+    assert band([0.05, 0.5, 0.95], [0.1, 0.1, 0.1], "success_rate") == ([0.0, 0.4, 0.85], [0.15, 0.6, 1.0])
+    assert band([0.1], [0.5], "loss") == ([0.0], [0.6])  # no upper bound
+    assert band([-0.9], [0.3], "mcc") == ([-1.0], [-0.6])
+    assert band([-5.0], [2.0], "return") == ([-7.0], [-3.0])  # a name it does not know: not clipped
+    assert metric_range("within_22.5") == (0.0, 1.0) and metric_range("abs_err")[0] == 0.0
+
+
+def test_step_axes_read_in_k_and_m():
+    from mtrl_arch.axes import count_formatter, human_count
+
+    assert [human_count(x) for x in (0, 950, 1500, 200_000, 225_000, 1_200_000, 999_999, 2.5e9)] == \
+        ["0", "950", "1.5k", "200k", "225k", "1.2M", "1M", "2.5B"]
+    assert count_formatter()(2_000_000, 0) == "2M"
+
+
+def test_a_finished_train_writes_its_report_and_the_switch_turns_it_off(tmp_path, capsys):
+    """A tiny real search (CoNAL on the Multi-Fashion+MNIST test data): RUN_DIR/report holds what `report RUN_DIR`
+    writes, the last line names it; a failing report is one warning line; train.report=false writes none."""
+    import time
+
+    from data_roots import data_overrides
+    from mtrl_arch.build import report_at_end
+    from mtrl_arch.run import read_run_config
+
+    run = tmp_path / "run"
+    tiny = ["model.backbone=lenet", "train.epochs=1", "train.limit_batches=2", "eval.limit_batches=1",
+            "arch.search_steps=2", "train.batch_size=8", "eval.batch_size=64", "wandb.mode=disabled",
+            "data.num_workers=0", *data_overrides("mnist", "fashion_mnist"), f"data.options.cache_dir={tmp_path / 'c'}"]
+    assert main(["train", "multi_fashion_mnist_conal", *tiny, f"run_dir={run}", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"report written to {run / 'report'}"
+    written = sorted(p.name for p in (run / "report").iterdir())
+    assert written == ["accuracy.png", "arch-run.png", "summary.json", "summary.md", "tree-run.png"]
+    assert main(["report", str(run), "--out", str(tmp_path / "by-hand")]) == 0
+    assert sorted(p.name for p in (tmp_path / "by-hand").iterdir()) == written
+    cfg, _ = read_run_config(run)
+    assert report_at_end(cfg, run, since=time.time() + 60) is None  # model.pt older: stopped, not finished
+    for p in (run / "report").iterdir():
+        p.unlink()
+    (run / "report").rmdir()
+    (run / "report").write_text("in the way")  # the report cannot make its folder
+    capsys.readouterr()
+    assert report_at_end(cfg, run, since=0.0) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: the run's report failed (FileExistsError")
+    (run / "report").unlink()
+    # the switch: a resumed run trains one more epoch, saves its model, and writes no report
+    assert main(["train", "--resume", str(run), "train.epochs=2", "train.report=false", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "}"  # the result is the last thing printed
+    assert (run / "model.pt").is_file() and not (run / "report").exists()
+    assert main(["train", "multi_fashion_mnist_conal", "train.report=maybe", "--dry-run"]) == 2
+    assert "train.report" in capsys.readouterr().err

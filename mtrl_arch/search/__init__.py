@@ -12,9 +12,11 @@ from .conal_pro import ConalPro
 from .derive import DeriveRule
 from .fixed import HPS, STL, Manual
 from .ltb import LTB
+from .random import RandomArch
 from .recon import Recon
 
-REGISTRY: dict[str, type[ArchMethod]] = {m.name: m for m in (HPS, STL, Manual, Conal, ConalPro, LTB, AdaShare, Recon)}
+REGISTRY: dict[str, type[ArchMethod]] = {m.name: m for m in (HPS, STL, Manual, RandomArch, Conal, ConalPro, LTB, AdaShare,
+                                                              Recon)}
 
 
 def get_method(name: str) -> type[ArchMethod]:

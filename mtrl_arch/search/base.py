@@ -133,7 +133,7 @@ class ArchMethod:
     def check_derive_rule(cls, rule: DeriveRule) -> None:
         """One-line ConfigError for a rule the method does not support (config.validate calls it too)."""
         def key(r: str) -> str:
-            return "arch.max_params" if r == "max_params" else f"arch.derive={r}"
+            return f"arch.{r}" if r in ("max_params", "min_params") else f"arch.derive={r}"
 
         for need in rule.needs():
             if need not in cls.derive_rules:

@@ -3,7 +3,8 @@
 ``arch.derive=argmax`` (the papers' rule, the default), ``arch.derive=margin`` with
 ``arch.derive_margin=M`` (a task leaves sharing only where the more private choice wins by
 a probability margin of at least M), and ``arch.max_params=N`` (the best tree by the
-search's own scores whose *trunk* has at most N parameters). The trunk count is what
+search's own scores whose *trunk* has at most N parameters; ``arch.min_params=M``, a lower bound,
+only for ``arch.method=random``, which draws its tree within [M, N]). The trunk count is what
 :meth:`~mtrl_arch.tree.Tree.param_counts` and ``Trunk.param_counts`` call shared +
 subgroup + specific; heads are not counted (every tree has the same heads). Each method
 says which rules it supports (``ArchMethod.derive_rules``) and documents how it applies them.
@@ -23,6 +24,7 @@ class DeriveRule:
     rule: str = "argmax"    # argmax | margin
     margin: float = 0.1     # rule=margin: the probability by which the more private choice must win
     max_params: int = 0     # > 0: a trunk parameter budget (rule must be argmax)
+    min_params: int = 0     # > 0: the trunk's lower bound (arch.method=random draws within [min_params, max_params])
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
@@ -31,6 +33,11 @@ class DeriveRule:
             raise ConfigError(f"arch.derive_margin must be in [0, 1); got {self.margin}")
         if self.max_params < 0:
             raise ConfigError(f"arch.max_params must be >= 0 (0: no budget); got {self.max_params}")
+        if self.min_params < 0:
+            raise ConfigError(f"arch.min_params must be >= 0 (0: no lower bound); got {self.min_params}")
+        if self.max_params and self.min_params > self.max_params:
+            raise ConfigError(f"arch.min_params={self.min_params} exceeds arch.max_params={self.max_params}; "
+                              "set arch.min_params <= arch.max_params")
         if self.max_params and self.rule != "argmax":
             raise ConfigError("arch.max_params needs arch.derive=argmax (a budget picks the best-scoring tree "
                               f"that fits; it does not combine with arch.derive={self.rule})")
@@ -40,17 +47,20 @@ class DeriveRule:
         """A rule from None (argmax), a DeriveRule, or anything with the ArchConfig fields (``cfg.arch``)."""
         if x is None or isinstance(x, DeriveRule):
             return x or cls()
-        return cls(str(x.derive), float(x.derive_margin), int(x.max_params))
+        return cls(str(x.derive), float(x.derive_margin), int(x.max_params), int(getattr(x, "min_params", 0)))
 
     def needs(self) -> list[str]:
         """What a method must support to apply this rule (argmax needs nothing)."""
-        return ([self.rule] if self.rule != "argmax" else []) + (["max_params"] if self.max_params else [])
+        return ([self.rule] if self.rule != "argmax" else []) + (["max_params"] if self.max_params else []) \
+            + (["min_params"] if self.min_params else [])
 
     def record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"rule": self.rule}
         if self.rule == "margin":
             out["margin"] = self.margin
         out["max_params"] = self.max_params
+        if self.min_params:
+            out["min_params"] = self.min_params
         return out
 
 
