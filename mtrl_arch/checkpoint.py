@@ -29,6 +29,7 @@ import json
 import os
 import random
 import sys
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -216,7 +217,7 @@ def _canonical(obj: Any) -> Any:
     would give two files with the same content and different bytes."""
     if isinstance(obj, str):
         return sys.intern(obj)
-    if isinstance(obj, dict):
+    if type(obj) in (dict, OrderedDict):  # other mappings (e.g. a defaultdict) are left as they are
         out = type(obj)((_canonical(k), _canonical(v)) for k, v in obj.items())
         if hasattr(obj, "_metadata"):  # a module's state_dict: its version records
             out._metadata = _canonical(obj._metadata)

@@ -46,3 +46,26 @@ def test_rl_three_random_kills_resume_exactly(bench, tmp_path):
 @pytest.mark.parametrize("learner", ["supervised", "sb3"])
 def test_other_learners_three_random_kills_resume_exactly(learner, bench, tmp_path):
     _check(soak.soak(learner, 3, seed=0, root=tmp_path, bench=bench, say=lambda s: None), 3)
+
+
+def test_model_file_bytes_depend_only_on_content(tmp_path):
+    """What the soak found: equal content, one string object shared in one process and two in the other (a derived
+    tree naming the agent's own task names, or names read back from a checkpoint), gave different model.pt bytes."""
+    import io
+
+    import torch
+
+    from mtrl_arch.checkpoint import save_model_file
+
+    name = "reach-v3"
+    shared = {"tasks": [name], "tree": {"tasks": [name]}, "w": torch.arange(3.0)}
+    separate = {"tasks": [name], "tree": {"tasks": ["".join(["reach", "-v3"])]}, "w": torch.arange(3.0)}
+    plain = [io.BytesIO(), io.BytesIO()]
+    torch.save(shared, plain[0])
+    torch.save(separate, plain[1])
+    assert plain[0].getvalue() != plain[1].getvalue()  # why the helper exists
+    save_model_file(shared, tmp_path / "a.pt")
+    save_model_file(separate, tmp_path / "b.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.pt"]  # no temporary file left
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["w"], torch.arange(3.0))
