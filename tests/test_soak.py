@@ -2,7 +2,7 @@
 (the benchmark records twenty per learner in benchmarks/results/reliability.md). Every run it finishes, resumed
 with ``mtrl-arch train --resume`` after each kill, must match the uninterrupted run exactly: metrics.jsonl
 less ``time/*``, model.pt byte for byte, arch.json. The supervised and SB3 learners' three-kill versions are
-``slow`` (about 1.5 and 3 minutes). The RL one: about a minute and a half on 2 busy cores.
+``slow``. The RL one: 1.5-2.5 minutes on 2 busy cores (mostly interpreter start-ups).
 """
 from __future__ import annotations
 
