@@ -56,7 +56,7 @@ import torch
 from mtrl_arch.checkpoint import StopRequested, assert_finite, load_latest, rng_state, set_rng_state
 from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.loop import Cadence
-from mtrl_arch.safe_load import UntrustedFileError, refusal, restricted_unpickle, torch_load, weights_only_refusal
+from mtrl_arch.safe_load import refusal, restricted_unpickle, torch_load, weights_only_refusal
 
 from .rl_loop import eval_lines
 
@@ -401,7 +401,8 @@ class SB3Run:
     def save_model(self, path: Path) -> None:
         tmp = path.with_suffix(".pt.tmp")  # written atomically
         torch.save({"format": MODEL_FORMAT, "version": 1, "config": self.cfg.to_dict(), "tasks": list(self.tasks),
-                    "models": {t: _zip(m) for t, m in zip(self.tasks, self.models)}}, tmp)
+                    "models": {t: _zip(m) for t, m in zip(self.tasks, self.models)},
+                    "sb3_state": {t: _sb3_state(m) for t, m in zip(self.tasks, self.models)}}, tmp)
         os.replace(tmp, path)
 
     def close(self) -> None:

@@ -54,9 +54,9 @@ def final_models(run_dir: Path) -> dict:
     assert d["format"] == "mtrl-arch/sb3-stl" and d["tasks"] == list(TASKS)
     out = {}
     for t, z in d["models"].items():
-        m = SAC.load(io.BytesIO(z), buffer_size=1)
+        m = SAC.load(io.BytesIO(z), buffer_size=1)  # the test's own files: SB3's loading (cloudpickle) is fine here
         out[t] = {"params": m.get_parameters(), "counters": [m.num_timesteps, m._n_updates, m._episode_num],
-                  "last_obs": torch.as_tensor(m._last_obs)}
+                  "last_obs": d["sb3_state"][t]["_last_obs"]}  # SB3's state is kept beside its zip (no pickle)
     return out
 
 
