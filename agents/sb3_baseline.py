@@ -56,7 +56,7 @@ import torch
 from mtrl_arch.checkpoint import StopRequested, assert_finite, load_latest, rng_state, set_rng_state
 from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.loop import Cadence
-from mtrl_arch.safe_load import refusal, restricted_unpickle, torch_load, weights_only_refusal
+from mtrl_arch.safe_load import np_numeric, refusal, restricted_unpickle, torch_load, weights_only_refusal
 
 from .rl_loop import eval_lines
 
@@ -66,8 +66,8 @@ MODEL_FORMAT = "mtrl-arch/sb3-stl"
 SB3_REBUILT = ("policy_class", "observation_space", "action_space", "replay_buffer_class", "train_freq", "lr_schedule")
 # ... and state: kept beside the zip as plain data (format 1's zips hold it, read with SB3_STATE_GLOBALS alone)
 SB3_STATE = ("_last_obs", "_last_episode_starts", "_last_original_obs", "ep_info_buffer", "ep_success_buffer")
-SB3_STATE_GLOBALS = {"numpy._core.numeric._frombuffer": np._core.numeric._frombuffer,
-                     "numpy.core.numeric._frombuffer": np._core.numeric._frombuffer, "numpy.dtype": np.dtype,
+SB3_STATE_GLOBALS = {"numpy._core.numeric._frombuffer": np_numeric._frombuffer,
+                     "numpy.core.numeric._frombuffer": np_numeric._frombuffer, "numpy.dtype": np.dtype,
                      "collections.deque": collections.deque}
 
 

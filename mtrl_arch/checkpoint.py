@@ -12,11 +12,11 @@ disagree.
 Loading checks size and checksum; a damaged or truncated newest checkpoint is reported
 in one line on stderr and the previous one is used. The payload is read with ``weights_only=True``
 (:mod:`mtrl_arch.safe_load`): a checkpoint whose pickle names anything but plain data is refused, never
-skipped as damaged (the sum proves nothing about who wrote it). Format 2 holds tensors, numbers, strings and
-containers only; format 1 also held numpy arrays (the numpy RNG state, episode and replay arrays), read with
-numpy's array types allowed. The newest ``keep`` checkpoints are
-kept. A failed write (full disk, I/O error) raises :class:`CheckpointWriteError` and
-removes only its own temporary file: the previous checkpoints are untouched.
+skipped as damaged (the sum proves nothing about who wrote it). Format 2 holds tensors, numbers, strings
+and containers only; format 1 also held numpy arrays (the numpy RNG state, episode and replay arrays),
+read with numpy's array types allowed. The newest ``keep`` checkpoints are kept. A failed write (full
+disk, I/O error) raises :class:`CheckpointWriteError` and removes only its own temporary file: the
+previous checkpoints are untouched.
 
 Public API (shared by the RL and supervised loops): :func:`save_checkpoint`,
 :func:`load_latest`, :func:`read_checkpoint`, :func:`read_header`, :func:`rng_state`,

@@ -23,15 +23,19 @@ import torch
 
 from .errors import ConfigError
 
+try:  # numpy 2 names its pickling helpers numpy._core.*, numpy 1 numpy.core.* (the same functions)
+    from numpy._core import multiarray as np_multiarray, numeric as np_numeric
+except ImportError:  # pragma: no cover - numpy < 1.26
+    from numpy.core import multiarray as np_multiarray, numeric as np_numeric
+
 TRUST_FLAG = "--trust-file"
 
 # numpy's array reconstruction, as checkpoints of format version 1 hold it (the legacy numpy RNG state's uint32 key,
 # episode actions and SB3 replay arrays in float32/float64): the module path is numpy 2's (numpy._core) or numpy 1's
 # (numpy.core); the dtypes those arrays have (their classes: what torch's unpickler checks a dtype's state against)
 NUMPY_ARRAY_GLOBALS: list[Callable | tuple[Callable, str]] = [
-    np.ndarray, np.dtype, np._core.multiarray._reconstruct, np._core.multiarray.scalar,
-    (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),
-    (np._core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+    np.ndarray, np.dtype, np_multiarray._reconstruct, np_multiarray.scalar,
+    (np_multiarray._reconstruct, "numpy.core.multiarray._reconstruct"), (np_multiarray.scalar, "numpy.core.multiarray.scalar"),
     *(type(np.dtype(t)) for t in (np.uint32, np.float32, np.float64, np.int64, np.bool_)),
 ]
 
