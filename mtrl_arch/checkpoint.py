@@ -66,9 +66,10 @@ class StopRequested(Exception):
 
 # ---- RNG --------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    """Every random stream of the process, as plain data (numpy's key as a tensor: no numpy object to unpickle)."""
+    """Every random stream of the process, as plain data: numpy's uint32 key as an int64 tensor (no numpy object
+    to unpickle; a uint32 tensor does not survive plain pickling, which data-parallel ranks use to share state)."""
     npy = np.random.get_state(legacy=False)
-    npy["state"] = {**npy["state"], "key": torch.from_numpy(npy["state"]["key"].copy())}
+    npy["state"] = {**npy["state"], "key": torch.from_numpy(npy["state"]["key"].astype(np.int64))}
     return {"torch": torch.get_rng_state(), "numpy": npy, "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
