@@ -153,7 +153,7 @@ class RLRun:
         replay = mode == "always" or mode == "auto" and self.agent.replay_bytes() <= 2**30
         return {"vector_step": self.vector_step, "closed": self.closed, "episode": self.episode, "rng": rng_state(),
                 "np_rng": self.np_rng.bit_generator.state, "last_eval": self.last_eval,
-                "episode_actions": np.stack(self._ep_actions) if self._ep_actions else None,
+                "episode_actions": torch.from_numpy(np.stack(self._ep_actions)) if self._ep_actions else None,
                 "no_update_until": self._no_update_until, "world_size": self.world,
                 "agent": self.agent.state_dict(with_replay=replay)}
 
@@ -173,7 +173,7 @@ class RLRun:
         if "np_rng" in d:
             self.np_rng.bit_generator.state = d["np_rng"]
         acts = d.get("episode_actions")
-        self._ep_actions = list(acts) if acts is not None else []
+        self._ep_actions = list(np.asarray(acts)) if acts is not None else []  # a tensor (format 1: an array)
         self.obs = None  # begin() rebuilds the env state: seeded reset + the episode's actions
         self._no_update_until = d.get("no_update_until", 0)
         lost = "replay" not in d["agent"] or self.world > 1  # data-parallel: only rank 0's replay was saved

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from mtrl_arch import distributed
 from mtrl_arch.checkpoint import save_model_file
-from mtrl_arch.config import Config, network_arch
+from mtrl_arch.config import Config, ConfigError, network_arch
 from mtrl_arch.search import TrunkSpec, make_method
 from mtrl_arch.steps import weight_parameters, weight_step
 from mtrl_arch.tree import Tree
@@ -522,12 +522,16 @@ class MTSAC:
                         path)
 
     @classmethod
-    def load(cls, path: str, env: Any = None, device: torch.device | str = "cpu") -> "MTSAC":
+    def load(cls, path: str, env: Any = None, device: torch.device | str = "cpu", trust_file: bool = False) -> "MTSAC":
+        """The agent :meth:`save` wrote. A file holding more than tensors and plain data is refused
+        (:class:`~mtrl_arch.safe_load.UntrustedFileError`); ``trust_file=True`` loads it anyway, for a file
+        you made or trust (unpickling can run code in it)."""
         from mtrl_arch.config import config_from_dict
+        from mtrl_arch.safe_load import torch_load
 
-        d = torch.load(path, map_location="cpu", weights_only=False)
-        if d.get("format") != "mtrl-arch/mtsac":
-            raise ValueError(f"{path} is not an MTSAC file saved by mtrl-arch")
+        d = torch_load(path, path, trust_file=trust_file)
+        if not isinstance(d, dict) or d.get("format") != "mtrl-arch/mtsac":
+            raise ConfigError(f"{path} is not an MTSAC file saved by mtrl-arch")
         agent = cls(tuple(d["tasks"]), d["obs_dim"], d["action_dim"], config_from_dict(d["config"]), device)
         agent.load_state_dict(d["state"])
         agent.env = env

@@ -17,6 +17,15 @@ replay (``train.save_replay``), the task's random streams and its action space's
 its env mid-episode; plus the process's random streams and the chunk reached. A finished run
 writes ``model.pt`` (every task's SB3 zip), which ``mtrl-arch eval`` reads.
 
+No code from files: SB3's zip holds, besides weights (which SB3 loads with ``weights_only=True``), a JSON
+``data`` entry in which some values are cloudpickled. Those are never unpickled by SB3: its structure (policy
+and replay classes, spaces, schedules: code) is rebuilt from the config and the task's env and handed to
+``SAC.load`` as ``custom_objects``; its state (last observation, episode statistics) is left out of the zip
+and kept beside it as tensors and lists. Zips written before (checkpoint format 1, ``model.pt``) hold that
+state cloudpickled: resume reads it with numpy's array constructor and ``deque`` alone allowed
+(:func:`mtrl_arch.safe_load.restricted_unpickle`), evaluation does not need it. Any other cloudpickled
+value is refused (``--trust-file``: SB3's own loading, for a file the user trusts).
+
 Exact resume (a resumed CPU run is bit-identical to an uninterrupted one, ``time/*`` aside):
 each task trains on random streams of its own (swapped in around its ``learn``), so nothing
 depends on the order of the tasks or on where training was cut; a stop ends ``learn`` between
@@ -27,10 +36,15 @@ replaying the episode's actions gives the exact state.
 """
 from __future__ import annotations
 
+import base64
+import collections
 import io
+import json
 import os
+import pickle
 import sys
 import time
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -42,10 +56,19 @@ import torch
 from mtrl_arch.checkpoint import StopRequested, assert_finite, load_latest, rng_state, set_rng_state
 from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.loop import Cadence
+from mtrl_arch.safe_load import np_numeric, refusal, restricted_unpickle, torch_load, weights_only_refusal
 
 from .rl_loop import eval_lines
 
 MODEL_FORMAT = "mtrl-arch/sb3-stl"
+
+# the cloudpickled values of an SB3 SAC zip's `data`: code, rebuilt from the config and the env, never read ...
+SB3_REBUILT = ("policy_class", "observation_space", "action_space", "replay_buffer_class", "train_freq", "lr_schedule")
+# ... and state: kept beside the zip as plain data (format 1's zips hold it, read with SB3_STATE_GLOBALS alone)
+SB3_STATE = ("_last_obs", "_last_episode_starts", "_last_original_obs", "ep_info_buffer", "ep_success_buffer")
+SB3_STATE_GLOBALS = {"numpy._core.numeric._frombuffer": np_numeric._frombuffer,
+                     "numpy.core.numeric._frombuffer": np_numeric._frombuffer, "numpy.dtype": np.dtype,
+                     "collections.deque": collections.deque}
 
 
 def _sac_kwargs(cfg: Config, n_tasks: int, device: str) -> dict[str, Any]:
@@ -116,7 +139,7 @@ class _Replayable(gym.Wrapper):
         return self.env.step(action)
 
     def state(self) -> dict:
-        return {"at_reset": self.at_reset, "actions": np.stack(self.actions) if self.actions else None,
+        return {"at_reset": self.at_reset, "actions": torch.from_numpy(np.stack(self.actions)) if self.actions else None,
                 "rng": [g.bit_generator.state for g in _env_rngs(self.env)]}
 
     def rebuild(self, vec: Any, saved: dict, last_obs: np.ndarray | None, task: str) -> None:
@@ -124,7 +147,7 @@ class _Replayable(gym.Wrapper):
         if saved["at_reset"] is not None:
             _set_rngs(self, saved["at_reset"])
             obs = vec.reset()
-            for a in saved["actions"] if saved["actions"] is not None else ():
+            for a in np.asarray(saved["actions"]) if saved["actions"] is not None else ():  # format 1: an array
                 obs = vec.step(a[None])[0]
             if last_obs is not None and not np.array_equal(obs, last_obs):
                 print(f"warning: {task}: the env rebuilt from the checkpoint is not the one saved "
@@ -161,19 +184,82 @@ def _stop_callback(stop: Callable[[], None]) -> Any:
 
 
 def _zip(model: Any) -> bytes:
+    """SB3's zip without its state (:data:`SB3_STATE`, kept by :func:`_sb3_state`)."""
     buf = io.BytesIO()
-    model.save(buf)
+    model.save(buf, exclude=list(SB3_STATE))
     return buf.getvalue()
+
+
+def _plain(v: Any) -> Any:
+    """An SB3 state value as tensors, numbers and lists (what a weights-only load reads)."""
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(v.copy())
+    if isinstance(v, collections.deque):
+        return {"deque": [_plain(x) for x in v], "maxlen": v.maxlen}
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _unplain(v: Any) -> Any:
+    if torch.is_tensor(v):
+        return v.numpy()
+    if isinstance(v, dict) and "deque" in v:
+        return collections.deque(v["deque"], maxlen=v["maxlen"])
+    return v
+
+
+def _sb3_state(model: Any) -> dict:
+    return {k: _plain(getattr(model, k, None)) for k in SB3_STATE}
+
+
+def _sb3_structure(model: Any) -> dict:
+    """The code-bearing values of ``model``'s zip (:data:`SB3_REBUILT`), from a model built by the config."""
+    return {k: getattr(model, k) for k in SB3_REBUILT}
+
+
+def _load_sb3(zip_bytes: bytes, where: str, structure: dict, trust_file: bool, state: dict | None = None,
+              read_state: bool = False, **kwargs) -> Any:
+    """``SAC.load`` of one zip that never unpickles its cloudpickled values: :data:`SB3_REBUILT` come from
+    ``structure``; the state from ``state`` (format 2), else, with ``read_state``, from the zip with
+    :data:`SB3_STATE_GLOBALS` alone (format 1); anything else cloudpickled is refused unless ``trust_file``."""
+    from stable_baselines3 import SAC
+
+    custom: dict[str, Any] = {}
+    if not trust_file:
+        try:
+            with zipfile.ZipFile(io.BytesIO(zip_bytes)) as z:
+                data = json.loads(z.read("data"))
+        except (zipfile.BadZipFile, KeyError, ValueError, UnicodeDecodeError):
+            raise ConfigError(f"{where} is damaged (not a stable-baselines3 zip with a JSON `data` entry)") from None
+        for k, v in data.items():
+            if not (isinstance(v, dict) and ":serialized:" in v):
+                continue
+            if k in SB3_REBUILT:
+                custom[k] = structure[k]
+            elif k in SB3_STATE:
+                custom[k] = restricted_unpickle(base64.b64decode(v[":serialized:"]), SB3_STATE_GLOBALS, where) \
+                    if read_state and state is None else None
+            else:
+                raise refusal(where, f"a cloudpickled `{k}`")
+    try:
+        m = SAC.load(io.BytesIO(zip_bytes), custom_objects=custom, **kwargs)
+    except pickle.UnpicklingError as e:  # a .pth entry (SB3 loads them weights-only) naming more than tensors
+        raise weights_only_refusal(e, where) from None
+    for k, v in (state or {}).items():
+        setattr(m, k, _unplain(v))
+    return m
 
 
 def _replay_state(rb: Any) -> dict:
     n = rb.buffer_size if rb.full else rb.pos  # the filled rows only: SB3 pre-allocates the whole buffer
-    return {"pos": rb.pos, "full": rb.full, "arrays": {k: v[:n] for k, v in vars(rb).items() if isinstance(v, np.ndarray)}}
+    return {"pos": rb.pos, "full": rb.full,
+            "arrays": {k: torch.from_numpy(v[:n].copy()) for k, v in vars(rb).items() if isinstance(v, np.ndarray)}}
 
 
 def _load_replay(rb: Any, d: dict) -> None:
     for k, v in d["arrays"].items():
-        getattr(rb, k)[:len(v)] = v
+        getattr(rb, k)[:len(v)] = np.asarray(v)  # a tensor (format 1: an array)
     rb.pos, rb.full = d["pos"], d["full"]
 
 
@@ -182,12 +268,13 @@ class SB3Run:
     unit, eval_everywhere, searching = "env-step", False, False
 
     def __init__(self, cfg: Config, tasks: tuple[str, ...], device: str, make_env: Callable[[str], gym.Env],
-                 evaluate: Callable[[Callable, int | None], dict]):
+                 evaluate: Callable[[Callable, int | None], dict], trust_file: bool = False):
         from stable_baselines3 import SAC
         from stable_baselines3.common.monitor import Monitor
         from stable_baselines3.common.vec_env import DummyVecEnv
 
         self.cfg, self.tasks, self.device, self.evaluate_fn = cfg, tasks, device, evaluate
+        self.trust_file = trust_file  # resume: load the checkpoint's SB3 zips with SB3's own (pickle) loading
         self.kwargs = _sac_kwargs(cfg, len(tasks), device)
         self.recs: list[_Replayable] = []
         self.models: list[Any] = []
@@ -278,23 +365,23 @@ class SB3Run:
     def state_dict(self) -> dict:
         mode = self.cfg.train.save_replay
         replay = mode == "always" or (mode == "auto" and _replay_bytes(self.models) <= 2**30)
-        agents = {t: {"zip": _zip(m), "rng": slot["rng"], "action_space_rng": m.action_space.np_random.bit_generator.state,
+        agents = {t: {"zip": _zip(m), "sb3_state": _sb3_state(m), "rng": slot["rng"],
+                      "action_space_rng": m.action_space.np_random.bit_generator.state,
                       "env": rec.state(), **({"replay": _replay_state(m.replay_buffer)} if replay else {})}
                   for t, m, slot, rec in zip(self.tasks, self.models, self.slots, self.recs)}
         return {"algo": "sb3_stl", "tasks": list(self.tasks), "pos": self.pos,
                 "last_eval": self.last_eval, "rng": rng_state(), "agents": agents}
 
     def load_state_dict(self, d: dict) -> None:
-        from stable_baselines3 import SAC
-
         if d.get("algo") != "sb3_stl":
             raise ConfigError("the checkpoint was not written by agent.algo=sb3_stl; resume the run with its own agent.algo")
         lost = []
         for i, (task, rec) in enumerate(zip(self.tasks, self.recs)):
             s = d["agents"][task]
             # the current settings, except those that fix shapes (resume keys: equal anyway)
-            m = SAC.load(io.BytesIO(s["zip"]), env=self.models[i].env, device=self.device, force_reset=False,
-                         **{k: v for k, v in self.kwargs.items() if k not in ("policy_kwargs", "device")})
+            m = _load_sb3(s["zip"], f"the {task} SB3 model in it", _sb3_structure(self.models[i]), self.trust_file,
+                          s.get("sb3_state"), read_state=True, env=self.models[i].env, device=self.device,
+                          force_reset=False, **{k: v for k, v in self.kwargs.items() if k not in ("policy_kwargs", "device")})
             self.models[i] = m
             if "replay" in s:
                 _load_replay(m.replay_buffer, s["replay"])
@@ -314,7 +401,8 @@ class SB3Run:
     def save_model(self, path: Path) -> None:
         tmp = path.with_suffix(".pt.tmp")  # written atomically
         torch.save({"format": MODEL_FORMAT, "version": 1, "config": self.cfg.to_dict(), "tasks": list(self.tasks),
-                    "models": {t: _zip(m) for t, m in zip(self.tasks, self.models)}}, tmp)
+                    "models": {t: _zip(m) for t, m in zip(self.tasks, self.models)},
+                    "sb3_state": {t: _sb3_state(m) for t, m in zip(self.tasks, self.models)}}, tmp)
         os.replace(tmp, path)
 
     def close(self) -> None:
@@ -327,28 +415,41 @@ def _replay_bytes(models: list[Any]) -> int:
     return sum(sum(v.nbytes for v in vars(m.replay_buffer).values() if isinstance(v, np.ndarray)) for m in models)
 
 
-def load_sb3_policy(run_dir: Path, tasks: tuple[str, ...], device: str = "cpu") -> SB3SingleTask:
+def load_sb3_policy(run_dir: Path, cfg: Config, tasks: tuple[str, ...], make_env: Callable[[str], gym.Env],
+                    device: str = "cpu", trust_file: bool = False) -> SB3SingleTask:
     """The batched policy of a finished run (``model.pt``) or, failing that, of its newest intact checkpoint.
 
     Runs checkpointed before the SB3 baseline used :mod:`mtrl_arch.checkpoint` (one SB3 zip per task in
-    ``checkpoints/sb3/``, no ``model.pt``) are read last; none are kept in benchmarks/results.
+    ``checkpoints/sb3/``, no ``model.pt``) are read last; none are kept in benchmarks/results. What the zips
+    cloudpickle is rebuilt from ``cfg`` and ``make_env(task)`` (see the module docstring).
     """
     from stable_baselines3 import SAC
 
-    model, zips = run_dir / "model.pt", {}
+    model, zips, where = run_dir / "model.pt", {}, {}
     if model.is_file():
-        d = torch.load(model, map_location="cpu", weights_only=False)
+        d = torch_load(model, model, trust_file=trust_file)
         if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
             raise ConfigError(f"{model} is not an sb3_stl model saved by mtrl-arch")
-        zips = d["models"]
-    elif (found := load_latest(run_dir / "checkpoints")) is not None and found[1].get("algo") == "sb3_stl":
+        zips, where = d["models"], {t: f"{model} ({t})" for t in d["models"]}
+    elif (found := load_latest(run_dir / "checkpoints", trust_file=trust_file)) is not None \
+            and found[1].get("algo") == "sb3_stl":
         zips = {t: a["zip"] for t, a in found[1]["agents"].items()}
+        where = {t: f"{run_dir}/checkpoints/ckpt-{found[0]}.pt ({t})" for t in zips}
     else:
         old = run_dir / "checkpoints" / "sb3"
         zips = {t: (old / f"{t}.zip").read_bytes() for t in tasks if (old / f"{t}.zip").is_file()}
+        where = {t: str(old / f"{t}.zip") for t in zips}
     missing = [t for t in tasks if t not in zips]
     if missing:
         raise ConfigError(f"{run_dir} has neither model.pt nor a readable checkpoint with SB3 models for {missing}; "
                           "was the run started?")
-    # buffer_size=1: acting needs no replay, which SB3 would otherwise allocate in full
-    return SB3SingleTask([SAC.load(io.BytesIO(zips[t]), device=device, buffer_size=1) for t in tasks])
+    kwargs = _sac_kwargs(cfg, len(tasks), device)
+    policies = []
+    for t in tasks:
+        env = make_env(t)
+        try:  # buffer_size=1: acting needs no replay, which SB3 would otherwise allocate in full
+            structure = _sb3_structure(SAC("MlpPolicy", env, **{**kwargs, "buffer_size": 1}))
+        finally:
+            env.close()
+        policies.append(_load_sb3(zips[t], where[t], structure, trust_file, device=device, buffer_size=1))
+    return SB3SingleTask(policies)

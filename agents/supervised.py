@@ -65,6 +65,7 @@ from mtrl_arch.config import Config, ConfigError
 from mtrl_arch.logger import read_metrics
 from mtrl_arch.loop import Cadence
 from mtrl_arch.metrics import delta_m
+from mtrl_arch.safe_load import torch_load
 from mtrl_arch.search import TrunkSpec, make_method
 from mtrl_arch.steps import search_step, weight_parameters, weight_step
 from mtrl_arch.tree import Tree
@@ -454,9 +455,11 @@ class SupervisedRun:
         save_model_file({"format": MODEL_FORMAT, "version": 1, "config": self.cfg.to_dict(), "tasks": list(self.tasks),
                          "tree": self.tree.to_dict(), "net": self.net.state_dict()}, path)
 
-    def load_model(self, path: Path) -> None:
-        d = torch.load(path, map_location="cpu", weights_only=False)
-        if d.get("format") != MODEL_FORMAT:
+    def load_model(self, path: Path, trust_file: bool = False) -> None:
+        """The final model :meth:`save_model` wrote; one holding more than tensors and plain data is refused
+        (:class:`~mtrl_arch.safe_load.UntrustedFileError`) unless ``trust_file``."""
+        d = torch_load(path, path, trust_file=trust_file)
+        if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
             raise ConfigError(f"{path} is not a supervised model saved by mtrl-arch")
         self.searching = False
         self._build(False, Tree.from_dict(d["tree"]))

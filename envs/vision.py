@@ -339,7 +339,7 @@ def load_multi(
         cache_file = Path(cache_dir) / f"{variant}_{split}_seed{int(seed)}_v{GENERATOR_VERSION}_{key}.npz"
         if cache_file.exists():
             try:
-                with np.load(cache_file) as z:
+                with np.load(cache_file, allow_pickle=False) as z:  # data, never code
                     return MultiDigit(z["canvas"], z["labels"], z["src"], z["offsets"], variant, split, int(seed))
             except (OSError, KeyError, ValueError, zlib.error):
                 pass  # a damaged cache file is regenerated below

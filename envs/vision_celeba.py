@@ -126,7 +126,7 @@ class CelebA(Dataset):
         else:
             if not npy.is_file():
                 raise DataError(expected + ("" if _has_pil() else "; Pillow is not installed, so the .npy is needed"))
-            arr = np.load(npy, mmap_mode="r")
+            arr = np.load(npy, mmap_mode="r", allow_pickle=False)  # data, never code
             if arr.ndim != 4 or arr.shape[0] != len(files) or arr.shape[-1] != 3 or arr.dtype != np.uint8:
                 raise DataError(f"{npy.name}: expected uint8 [{len(files)}, H, W, 3], got {arr.dtype} {arr.shape}")
             self._npy = arr

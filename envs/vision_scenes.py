@@ -54,7 +54,7 @@ class _NpyScenes(Dataset):
     def _load(self, folder: str, i: int) -> np.ndarray:
         f = self.path / folder / f"{i}.npy"
         try:
-            return np.load(f)
+            return np.load(f, allow_pickle=False)  # data, never code
         except (OSError, ValueError) as e:
             raise DataError(f"{self.name}: cannot read {f} ({e})") from None
 

@@ -52,7 +52,8 @@ def match_rl_widths(cfg: Config) -> None:
             a.critic_hidden = [width] * depth
 
 
-def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+             trust_file: bool = False) -> dict[str, Any]:
     from . import distributed
     from .agents.rl_loop import RLRun, shared_state
     from .loop import Run, find_resume
@@ -67,11 +68,11 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     if cfg.agent.algo == "sb3_stl":
-        return _train_sb3_stl(cfg, run_dir, tasks, device, resume, progress)
+        return _train_sb3_stl(cfg, run_dir, tasks, device, resume, progress, trust_file)
     # data-parallel (torchrun): every rank trains on its own envs, rank 0 alone reads and writes the run directory
     main = distributed.is_main()
     videos = main and _can_render(cfg)
-    found = find_resume(run_dir, lambda d: shared_state(d, MTSAC.RANK_LOCAL)) if resume else None
+    found = find_resume(run_dir, lambda d: shared_state(d, MTSAC.RANK_LOCAL), trust_file) if resume else None
     # the same goals on every rank (env seed = run seed); each rank's episodes are seeded by RLRun
     env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, vector=cfg.env.vector,
                       max_episode_steps=cfg.env.max_episode_steps or None, reward_version=cfg.env.reward_version)
@@ -119,7 +120,8 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
         env.close()
 
 
-def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, progress: bool) -> dict[str, Any]:
+def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, progress: bool,
+                   trust_file: bool) -> dict[str, Any]:
     from .agents.sb3_baseline import SB3Run
     from .checkpoint import list_steps
     from .envs.metaworld import MetaWorldMT, evaluate, make_task_env
@@ -129,7 +131,7 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
     if resume and not list_steps(folder) and (folder / "sb3").is_dir():
         raise ConfigError(f"{run_dir} was checkpointed by an older mtrl-arch (checkpoints/sb3/, no checksums) and "
                           "cannot be resumed; `mtrl-arch eval` still reads its models; start a new run to train on")
-    found = find_resume(run_dir) if resume else None
+    found = find_resume(run_dir, trust_file=trust_file) if resume else None
     videos = _can_render(cfg)
     # the settings record of the same tasks; each SB3 agent sees its task's 39-d obs without the one-hot
     meta_env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, max_episode_steps=cfg.env.max_episode_steps or None,
@@ -142,7 +144,7 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
     learner = SB3Run(cfg, tasks, str(device),
                      lambda task: make_task_env(cfg.env.name, task, cfg.seed, steps, cfg.env.reward_version),
                      lambda policy, k: evaluate(policy, cfg.env.name, tasks, cfg.seed, k, steps, None,
-                                                cfg.env.reward_version, one_hot=False))
+                                                cfg.env.reward_version, one_hot=False), trust_file)
     logger = None
     try:
         logger = Logger(run_dir, cfg.wandb, {**cfg.to_dict(), "env_metadata": env_meta}, run_dir.name,
@@ -167,22 +169,28 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
         learner.close()
 
 
-def _rl_policy(run_dir: Path, cfg: Config) -> tuple[Any, tuple[str, ...], bool]:
+def _rl_policy(run_dir: Path, cfg: Config, trust_file: bool = False) -> tuple[Any, tuple[str, ...], bool]:
     """A run's deterministic policy (``model.pt``, else its latest checkpoint), its tasks, and whether its
-    observations carry the task one-hot (MT-SAC) or not (one SB3 agent per task)."""
+    observations carry the task one-hot (MT-SAC) or not (one SB3 agent per task). ``trust_file``: read them
+    with full pickle (:mod:`mtrl_arch.safe_load`)."""
     from .agents.sac import MTSAC
     from .envs.metaworld import ACTION_DIM, observation_dim, resolve_tasks
 
     tasks = resolve_tasks(cfg.env.name, cfg.env.tasks or None)
     if cfg.agent.algo == "sb3_stl":
         from .agents.sb3_baseline import load_sb3_policy
+        from .envs.metaworld import make_task_env
 
-        return load_sb3_policy(run_dir, tasks, str(resolve_device(cfg.device))).act, tasks, False
+        steps = cfg.env.max_episode_steps or None
+        policy = load_sb3_policy(run_dir, cfg, tasks, lambda task: make_task_env(cfg.env.name, task, cfg.seed, steps,
+                                                                                cfg.env.reward_version),
+                                 str(resolve_device(cfg.device)), trust_file)
+        return policy.act, tasks, False
     model = run_dir / "model.pt"
     if model.is_file():
-        agent = MTSAC.load(str(model), device=resolve_device(cfg.device))
+        agent = MTSAC.load(str(model), device=resolve_device(cfg.device), trust_file=trust_file)
     else:
-        found = load_latest(run_dir / "checkpoints")
+        found = load_latest(run_dir / "checkpoints", trust_file=trust_file)
         if found is None:
             raise ConfigError(f"{run_dir} has neither model.pt nor a readable checkpoint to evaluate")
         agent = MTSAC(tasks, observation_dim(len(tasks)), ACTION_DIM, cfg, resolve_device(cfg.device))
@@ -190,17 +198,18 @@ def _rl_policy(run_dir: Path, cfg: Config) -> tuple[Any, tuple[str, ...], bool]:
     return (lambda o: agent.act(o, deterministic=True)), tuple(agent.tasks), True
 
 
-def eval_rl(run_dir: Path, episodes: int | None, cfg: Config) -> dict[str, Any]:
+def eval_rl(run_dir: Path, episodes: int | None, cfg: Config, trust_file: bool = False) -> dict[str, Any]:
     from .envs.metaworld import evaluate
 
-    policy, tasks, one_hot = _rl_policy(run_dir, cfg)
+    policy, tasks, one_hot = _rl_policy(run_dir, cfg, trust_file)
     res = evaluate(policy, cfg.env.name, tasks, cfg.seed, episodes, cfg.env.max_episode_steps or None, None,
                    cfg.env.reward_version, one_hot=one_hot)
     return {"success_rate": res["success_rate"], "mean_success_rate": res["mean_success_rate"],
             "episodes_per_task": res["episodes_per_task"]}
 
 
-def videos_rl(cfg: Config, run_dir: Path, out_dir: Path, episodes: int | None = None) -> dict[str, dict]:
+def videos_rl(cfg: Config, run_dir: Path, out_dir: Path, episodes: int | None = None,
+              trust_file: bool = False) -> dict[str, dict]:
     """``eval --video``: one video per task of the run's deterministic policy (its first ``episodes``
     evaluation episodes, default 1) in ``out_dir``; :func:`mtrl_arch.envs.video.record_videos`'s result.
     Raises RendererUnavailable (a ConfigError) when nothing can render, before the model is loaded."""
@@ -211,7 +220,7 @@ def videos_rl(cfg: Config, run_dir: Path, out_dir: Path, episodes: int | None = 
     from .envs.video import offscreen_backend, record_videos
 
     offscreen_backend()  # fails (one line) before anything is loaded
-    policy, tasks, one_hot = _rl_policy(run_dir, cfg)
+    policy, tasks, one_hot = _rl_policy(run_dir, cfg, trust_file)
     return record_videos(policy, cfg.env.name, tasks, cfg.seed, out_dir, episodes or 1,
                          cfg.env.max_episode_steps or None, None, cfg.env.reward_version, one_hot)
 
@@ -246,7 +255,7 @@ def _final_videos(cfg: Config, run_dir: Path, logger: Logger, step: int) -> None
 
 
 def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
-                     make_adapter: Any = None) -> dict[str, Any]:
+                     make_adapter: Any = None, trust_file: bool = False) -> dict[str, Any]:
     """Search (if the method searches), derive, retrain and evaluate (see :mod:`mtrl_arch.agents.supervised`)."""
     from . import distributed
     from .agents.supervised import SupervisedRun, check_loop_config
@@ -260,7 +269,7 @@ def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress:
     adapter = make_adapter(cfg)  # bad config or missing data fail here, before anything is written
     # data-parallel (torchrun): every rank trains, rank 0 alone reads and writes the run directory
     main = distributed.is_main()
-    found = find_resume(run_dir) if resume else None
+    found = find_resume(run_dir, trust_file=trust_file) if resume else None
     if distributed.active() and cfg.train.batch_size % distributed.world_size() and main:
         print(f"warning: train.batch_size={cfg.train.batch_size} does not divide by {distributed.world_size()} "
               "processes: each batch is padded with its first examples (as DistributedSampler)", file=sys.stderr)
@@ -299,7 +308,7 @@ def train_supervised(cfg: Config, run_dir: Path, resume: bool = False, progress:
             logger.close()
 
 
-def eval_supervised(cfg: Config, run_dir: Path, make_adapter: Any = None) -> dict[str, Any]:
+def eval_supervised(cfg: Config, run_dir: Path, make_adapter: Any = None, trust_file: bool = False) -> dict[str, Any]:
     """Evaluate a run's final model (``model.pt``) or, failing that, its latest checkpoint."""
     from .agents.supervised import SupervisedRun
 
@@ -308,23 +317,26 @@ def eval_supervised(cfg: Config, run_dir: Path, make_adapter: Any = None) -> dic
     run = SupervisedRun(cfg, make_adapter(cfg), resolve_device(cfg.device))
     model = run_dir / "model.pt"
     if model.is_file():
-        run.load_model(model)
+        run.load_model(model, trust_file)
     else:
-        found = load_latest(run_dir / "checkpoints")
+        found = load_latest(run_dir / "checkpoints", trust_file=trust_file)
         if found is None:
             raise ConfigError(f"{run_dir} has neither model.pt nor a readable checkpoint to evaluate")
         run.load_state_dict(found[1])
     return {**run.evaluate(), **run.param_counts()}
 
 
-def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = True,
+          trust_file: bool = False) -> dict[str, Any]:
+    """Train (or, ``resume``, continue) the run in ``run_dir``; ``trust_file``: read its checkpoints with full
+    pickle (the user's opt-in for files they trust, see :mod:`mtrl_arch.safe_load`)."""
     if cfg.train.threads:
         import torch
 
         torch.set_num_threads(cfg.train.threads)
     if cfg.domain == "rl":
-        return train_rl(cfg, run_dir, resume, progress)
-    return train_supervised(cfg, run_dir, resume, progress)
+        return train_rl(cfg, run_dir, resume, progress, trust_file)
+    return train_supervised(cfg, run_dir, resume, progress, trust_file=trust_file)
 
 
 def report(run_dirs: list[Path], out: Path | None = None, reference: Path | None = None,
@@ -355,10 +367,10 @@ def report_at_end(cfg: Config, run_dir: Path, since: float) -> Path | None:
         return None
 
 
-def evaluate_run(cfg: Config, run_dir: Path, episodes: int | None) -> dict[str, Any]:
+def evaluate_run(cfg: Config, run_dir: Path, episodes: int | None, trust_file: bool = False) -> dict[str, Any]:
     if cfg.domain == "rl":
-        return eval_rl(run_dir, episodes, cfg)
-    return eval_supervised(cfg, run_dir)
+        return eval_rl(run_dir, episodes, cfg, trust_file)
+    return eval_supervised(cfg, run_dir, trust_file=trust_file)
 
 
 def param_counts(cfg: Config) -> tuple[dict[str, dict[str, int]] | None, str, dict[str, Tree]]:

@@ -10,9 +10,13 @@ inside (not a ``.sha256`` beside it) means there is no window in which sum and p
 disagree.
 
 Loading checks size and checksum; a damaged or truncated newest checkpoint is reported
-in one line on stderr and the previous one is used. The newest ``keep`` checkpoints are
-kept. A failed write (full disk, I/O error) raises :class:`CheckpointWriteError` and
-removes only its own temporary file: the previous checkpoints are untouched.
+in one line on stderr and the previous one is used. The payload is read with ``weights_only=True``
+(:mod:`mtrl_arch.safe_load`): a checkpoint whose pickle names anything but plain data is refused, never
+skipped as damaged (the sum proves nothing about who wrote it). Format 2 holds tensors, numbers, strings
+and containers only; format 1 also held numpy arrays (the numpy RNG state, episode and replay arrays),
+read with numpy's array types allowed. The newest ``keep`` checkpoints are kept. A failed write (full
+disk, I/O error) raises :class:`CheckpointWriteError` and removes only its own temporary file: the
+previous checkpoints are untouched.
 
 A finished run's model file (``model.pt``) is written by :func:`save_model_file`: atomically too, and with
 bytes that depend only on what it holds, so that a resumed run writes the uninterrupted run's file.
@@ -37,8 +41,10 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 
+from .safe_load import NUMPY_ARRAY_GLOBALS, UntrustedFileError, torch_load
+
 FORMAT = "mtrl-arch/checkpoint"
-VERSION = 1
+VERSION = 2  # 2: no numpy objects in the payload (1: numpy arrays, read with safe_load.NUMPY_ARRAY_GLOBALS)
 HEADER_SIZE = 4096  # bytes; JSON padded with spaces, ends in a newline
 
 
@@ -64,13 +70,21 @@ class StopRequested(Exception):
 
 # ---- RNG --------------------------------------------------------------------------------------
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every random stream of the process, as plain data: numpy's uint32 key as an int64 tensor (no numpy object
+    to unpickle; a uint32 tensor does not survive plain pickling, which data-parallel ranks use to share state)."""
+    npy = np.random.get_state(legacy=False)
+    npy["state"] = {**npy["state"], "key": torch.from_numpy(npy["state"]["key"].astype(np.int64))}
+    return {"torch": torch.get_rng_state(), "numpy": npy, "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s streams (also format 1's, whose numpy state is numpy's legacy tuple)."""
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
+    npy = s["numpy"]
+    if isinstance(npy, dict):
+        npy = {**npy, "state": {**npy["state"], "key": np.asarray(npy["state"]["key"], dtype=np.uint32)}}
+    np.random.set_state(npy)
     random.setstate(s["python"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
@@ -261,8 +275,10 @@ def read_header(path: str | Path) -> dict[str, Any]:
     return h
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(header, state)`` of one checkpoint; :class:`CheckpointError` if it is damaged."""
+def read_checkpoint(path: str | Path, trust_file: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(header, state)`` of one checkpoint; :class:`CheckpointError` if it is damaged,
+    :class:`~mtrl_arch.safe_load.UntrustedFileError` if its payload holds more than data
+    (``trust_file=True``: loaded anyway, for a file the user trusts)."""
     path = Path(path)
     h = read_header(path)
     with open(path, "rb") as f:
@@ -272,25 +288,30 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise CheckpointError(f"checkpoint {path} is damaged (truncated: {len(data)} of {h['size']} bytes)")
     if hashlib.sha256(data).hexdigest() != h["sha256"]:
         raise CheckpointError(f"checkpoint {path} is damaged (checksum mismatch)")
+    allow = NUMPY_ARRAY_GLOBALS if int(h.get("version", 0)) < 2 else []
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        state = torch_load(io.BytesIO(data), path, trust_file=trust_file, allow=allow)
+    except UntrustedFileError:
+        raise
     except Exception as e:  # noqa: BLE001 - a sum that holds over an unloadable payload: a bug or another version
         raise CheckpointError(f"checkpoint {path} could not be loaded ({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     return h, state
 
 
-def load_latest(folder: str | Path, quarantine: bool = False) -> tuple[int, dict[str, Any]] | None:
+def load_latest(folder: str | Path, quarantine: bool = False, trust_file: bool = False
+                ) -> tuple[int, dict[str, Any]] | None:
     """The newest checkpoint that reads back intact, as ``(step, state)``; None if there is none.
 
     Damaged ones are reported (one line each on stderr) and skipped. ``quarantine=True``
     (used when resuming) renames them to ``*.damaged`` so that they are kept for inspection
-    but never counted among the ``keep`` newest again.
+    but never counted among the ``keep`` newest again. A checkpoint whose payload holds more than data
+    stops the search (:class:`~mtrl_arch.safe_load.UntrustedFileError`) unless ``trust_file``.
     """
-    found = load_latest_with_header(folder, quarantine)
+    found = load_latest_with_header(folder, quarantine, trust_file)
     return None if found is None else (found[0], found[2])
 
 
-def load_latest_with_header(folder: str | Path, quarantine: bool = False
+def load_latest_with_header(folder: str | Path, quarantine: bool = False, trust_file: bool = False
                             ) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
     """Like :func:`load_latest`, with the header: ``(step, header, state)``."""
     folder = Path(folder)
@@ -299,7 +320,7 @@ def load_latest_with_header(folder: str | Path, quarantine: bool = False
     for step in reversed(_steps(folder)):
         path = checkpoint_path(folder, step)
         try:
-            h, state = read_checkpoint(path)
+            h, state = read_checkpoint(path, trust_file)
             return step, h, state
         except CheckpointVersionError:
             raise

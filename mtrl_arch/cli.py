@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .config import ConfigError, load_config
 from .errors import RunWriteError
+from .safe_load import TRUST_FLAG
 
 EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_WRITE = 2, 3, 4
 
@@ -79,7 +80,8 @@ def _train(args) -> int:
             cfg, run_dir = config_from_dict(payload), Path(where)
         finished = False
         try:
-            result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+            result = train(cfg, run_dir, resume=bool(args.resume), progress=not args.no_progress,
+                           trust_file=args.trust_file)
             finished = True
         finally:
             distributed.shutdown(wait=finished)  # after an error another rank may never reach the barrier
@@ -103,6 +105,8 @@ def _resolve_config(args, data_parallel: bool = False):
                               "torchrun trains MT-SAC and the supervised adapters (see README, Distributed training "
                               "and sweeps)")
 
+    if args.trust_file and not args.resume:
+        raise ConfigError(f"{TRUST_FLAG} is for reading a run's checkpoints: use it with --resume RUN_DIR")
     if args.resume:
         run_dir = Path(args.resume)
         old, _ = read_run_config(run_dir)
@@ -200,12 +204,12 @@ def _eval(args) -> int:
     cfg, _ = read_run_config(run_dir)
     if args.video is not None:
         out = Path(args.video) if args.video else run_dir / "videos"
-        videos = videos_rl(cfg, run_dir, out, args.episodes)
+        videos = videos_rl(cfg, run_dir, out, args.episodes, args.trust_file)
         for v in videos.values():
             print(f"{v['path'].name}: {v['frames']} frames, {v['path'].stat().st_size / 1024:.0f} kB ({v['caption']})")
         print(f"videos written to {out}")
         return 0
-    res = evaluate_run(cfg, run_dir, args.episodes)
+    res = evaluate_run(cfg, run_dir, args.episodes, args.trust_file)
     print(json.dumps(res, indent=1))
     return 0
 
@@ -258,6 +262,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"error: {' '.join(message.split())} (see `{self.prog} --help`)\n")
 
 
+TRUST_HELP = ("read the run's model.pt and checkpoints with full pickle, which can run code in them: only for files "
+              "you made or trust (without it, a file holding more than tensors and plain data is refused)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mtrl-arch", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
@@ -269,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and the networks' parameter counts; train nothing, write nothing")
+    t.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     t.set_defaults(fn=_train)
     e = sub.add_parser("eval", help="evaluate a trained run")
     e.add_argument("run_dir")
@@ -277,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--video", nargs="?", const="", default=None, metavar="DIR",
                    help="RL: instead of scores, one video per task of the deterministic policy in DIR "
                         "(default RUN_DIR/videos), rendered off-screen (EGL, else OSMesa; MUJOCO_GL overrides)")
+    e.add_argument(TRUST_FLAG, action="store_true", help=TRUST_HELP)
     e.set_defaults(fn=_eval)
     a = sub.add_parser("arch", help="print a run's derived architecture")
     a.add_argument("run_dir")

@@ -50,6 +50,7 @@ from . import distributed
 from .checkpoint import NonFiniteError, StopRequested, list_steps, rng_preserved, save_checkpoint
 from .config import Config, ConfigError
 from .logger import progress_bar
+from .safe_load import UntrustedFileError
 from .run import check_resume_key, find_resume_checkpoint, resume_key
 
 
@@ -62,11 +63,12 @@ class Cadence:
     eval_at_end: bool = False  # the budget's last period evaluates (RL evaluates after it: Run.final_evaluate)
 
 
-def find_resume(run_dir: Path, shared: Callable[[dict], dict] = lambda d: d) -> tuple[int, dict] | None:
+def find_resume(run_dir: Path, shared: Callable[[dict], dict] = lambda d: d,
+                trust_file: bool = False) -> tuple[int, dict] | None:
     """The checkpoint ``train --resume`` continues from (:func:`~mtrl_arch.run.find_resume_checkpoint`): rank 0
     reads it, every other rank of a data-parallel run receives ``shared(state)`` (what is not rank 0's alone)."""
     main = distributed.is_main()
-    found = find_resume_checkpoint(run_dir) if main else None
+    found = find_resume_checkpoint(run_dir, trust_file) if main else None
     if distributed.active():
         got = distributed.broadcast_object(None if found is None else (found[0], shared(found[1])))
         found = found if main else got
@@ -212,6 +214,9 @@ class Run:
         check_resume_key(d.get("meta"), self.cfg, where)  # every rank checks: all of them stop
         try:
             self.learner.load_state_dict(d)
+        except UntrustedFileError as e:  # a learner's own reading of what the checkpoint holds (e.g. SB3's zips)
+            path = self.run_dir / "checkpoints" / f"ckpt-{step}.pt" if self.run_dir is not None else where
+            raise UntrustedFileError(f"{path}: {e}") from None
         except ConfigError:
             raise
         except (KeyError, RuntimeError, ValueError) as e:  # shapes/keys of another config or version

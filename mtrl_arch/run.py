@@ -161,13 +161,14 @@ def check_resume_key(saved: dict[str, Any] | None, cfg: Config, where: str) -> N
                           "resume with the run's own config or start a new run")
 
 
-def find_resume_checkpoint(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
+def find_resume_checkpoint(run_dir: Path, trust_file: bool = False) -> tuple[int, dict[str, Any]] | None:
     """What ``train --resume`` continues from: the newest checkpoint of ``run_dir`` that reads back intact,
     as ``(step, state)``. A damaged newer one is named in one warning line and moved aside to ``*.damaged``
     (kept for inspection, never again counted among the kept ones); with none readable, a warning and None
     (the run starts from the beginning). The caller checks the state's :func:`resume_key` against its
-    config (:func:`check_resume_key`) where every rank of a data-parallel run sees it, so all of them stop."""
-    found = load_latest(run_dir / "checkpoints", quarantine=True)
+    config (:func:`check_resume_key`) where every rank of a data-parallel run sees it, so all of them stop.
+    A checkpoint that holds more than data stops the resume (:mod:`mtrl_arch.safe_load`) unless ``trust_file``."""
+    found = load_latest(run_dir / "checkpoints", quarantine=True, trust_file=trust_file)
     if found is None:
         print(f"warning: {run_dir}/checkpoints holds no readable checkpoint; starting the run from the beginning",
               file=sys.stderr)

@@ -247,7 +247,7 @@ def test_checkpoint_unit_damage_and_rotation(tmp_path):
     C.save_checkpoint(tmp_path, 9, {"x": torch.zeros(1)})
     p9 = C.checkpoint_path(tmp_path, 9)
     raw = p9.read_bytes()
-    p9.write_bytes(raw.replace(b'"version": 1', b'"version": 9', 1))
+    p9.write_bytes(raw.replace(f'"version": {C.VERSION}'.encode(), b'"version": 9', 1))
     with pytest.raises(C.CheckpointVersionError):
         C.load_latest(tmp_path)
 
@@ -500,7 +500,7 @@ def test_resume_checkpoint_from_incompatible_config_or_version(bench, reference,
     (d / "config.yaml").write_text(cfg)
     # a checkpoint written by a newer mtrl-arch
     for p in (d / "checkpoints").glob("ckpt-*.pt"):
-        p.write_bytes(p.read_bytes().replace(b'"version": 1', b'"version": 5', 1))
+        p.write_bytes(p.read_bytes().replace(f'"version": {C.VERSION}'.encode(), b'"version": 5', 1))
     assert main(["train", "--no-progress", "--resume", str(d)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "format version 5, newer than this mtrl-arch reads" in err[-1] and len(err) <= 2, err

@@ -25,7 +25,8 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, a dependency of pyt
     import tomli as tomllib
 
 CORE = ["tree", "trunk", "search", "conflict", "weighting", "update", "steps", "config", "options", "logger",
-        "checkpoint", "run", "run_lock", "metrics", "synthetic", "bench", "loop", "table", "sweep", "sweep_summary"]
+        "checkpoint", "safe_load", "run", "run_lock", "metrics", "synthetic", "bench", "loop", "table", "sweep",
+        "sweep_summary"]
 
 ROOT = Path(__file__).resolve().parents[1]
 # packages installed under mtrl_arch that are not the core (pyproject's package-dir maps them to agents/, envs/, configs/)

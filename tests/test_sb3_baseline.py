@@ -54,9 +54,9 @@ def final_models(run_dir: Path) -> dict:
     assert d["format"] == "mtrl-arch/sb3-stl" and d["tasks"] == list(TASKS)
     out = {}
     for t, z in d["models"].items():
-        m = SAC.load(io.BytesIO(z), buffer_size=1)
+        m = SAC.load(io.BytesIO(z), buffer_size=1)  # the test's own files: SB3's loading (cloudpickle) is fine here
         out[t] = {"params": m.get_parameters(), "counters": [m.num_timesteps, m._n_updates, m._episode_num],
-                  "last_obs": torch.as_tensor(m._last_obs)}
+                  "last_obs": d["sb3_state"][t]["_last_obs"]}  # SB3's state is kept beside its zip (no pickle)
     return out
 
 
@@ -160,13 +160,16 @@ def test_checkpoint_checksum_is_verified(stopped, tmp_path, capsys):
 def test_old_layout_runs_are_evaluated_not_resumed(reference, tmp_path, capsys):
     """A run checkpointed before (one SB3 zip per task in checkpoints/sb3/) still evaluates; a resume is refused."""
     from mtrl_arch.agents.sb3_baseline import load_sb3_policy
+    from mtrl_arch.envs.metaworld import make_task_env
+    from mtrl_arch.run import read_run_config
 
     d = tmp_path / "old"
     (d / "checkpoints" / "sb3").mkdir(parents=True)
     shutil.copy(reference / "config.yaml", d / "config.yaml")
     for t, z in torch.load(reference / "model.pt", weights_only=False)["models"].items():
         (d / "checkpoints" / "sb3" / f"{t}.zip").write_bytes(z)
-    policy = load_sb3_policy(d, TASKS)
+    cfg, _ = read_run_config(d)
+    policy = load_sb3_policy(d, cfg, TASKS, lambda t: make_task_env(cfg.env.name, t, cfg.seed, 50, cfg.env.reward_version))
     assert policy.act(np.zeros((2, 39), np.float32)).shape == (2, 4)
     capsys.readouterr()
     assert main(["train", "--no-progress", "--resume", str(d)]) == 2
