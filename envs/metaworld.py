@@ -408,12 +408,18 @@ class MetaWorldMT:
         obs, _ = self._envs.reset()
         self._zero_stats()
         self._needs_reset = False
-        return np.asarray(obs, dtype=np.float32).reshape(self.n_tasks, self.observation_dim)
+        self._obs = np.asarray(obs, dtype=np.float32).reshape(self.n_tasks, self.observation_dim)
+        return self._obs
 
     def step(
-        self, actions: np.ndarray
+        self, actions: np.ndarray, active: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         """Step all tasks with ``actions`` ``[T, 4]``.
+
+        ``active`` (bool ``[T]``, sync vector env only): step only these sub-envs; the others keep
+        their state (their rows repeat the last observation, reward 0, not done). The evaluation
+        stops simulating a task once it has its episodes, instead of running discarded ones while
+        the slowest task finishes.
 
         Returns ``(obs, reward, terminated, truncated, info)``: obs float32 ``[T, obs_dim]``
         (already the next episode's first obs where an episode ended), reward float32 ``[T]``,
@@ -435,8 +441,11 @@ class MetaWorldMT:
             raise ValueError(
                 f"actions must have shape {(self.n_tasks, self.action_dim)}, got {actions.shape}"
             )
-        obs, reward, terminated, truncated, raw = self._envs.step(actions)
-        obs = np.asarray(obs, dtype=np.float32).reshape(self.n_tasks, self.observation_dim)
+        if active is not None and not np.all(active):
+            obs, reward, terminated, truncated, raw = self._step_some(actions, np.asarray(active, bool))
+        else:
+            obs, reward, terminated, truncated, raw = self._envs.step(actions)
+        obs = self._obs = np.asarray(obs, dtype=np.float32).reshape(self.n_tasks, self.observation_dim)
         reward = np.asarray(reward, dtype=np.float32).reshape(self.n_tasks)
         terminated = np.asarray(terminated, dtype=bool).reshape(self.n_tasks)
         truncated = np.asarray(truncated, dtype=bool).reshape(self.n_tasks)
@@ -480,6 +489,23 @@ class MetaWorldMT:
         self._finished.extend(records)
         info = {"success": success, "final_obs": final_obs, "done": done, "episode": records}
         return obs, reward, terminated, truncated, info
+
+    def _step_some(self, actions: np.ndarray, active: np.ndarray) -> tuple:
+        """The sync vector env's step (same-step autoreset, its result's layout) for the ``active`` sub-envs
+        alone; the others' rows: last observation, reward 0, not done, no success."""
+        if self.vector != "sync":
+            raise ValueError("step(active=...) needs vector='sync' (an async vector env steps every sub-env)")
+        T = self.n_tasks
+        obs, final_obs = self._obs.copy(), self._obs.copy()
+        reward, success = np.zeros(T), np.zeros(T)
+        terminated, truncated = np.zeros(T, bool), np.zeros(T, bool)
+        for i in np.flatnonzero(active):
+            sub = self._envs.envs[i]
+            final_obs[i], reward[i], terminated[i], truncated[i], info = sub.step(actions[i])
+            success[i] = info.get("success", 0.0)
+            obs[i] = sub.reset()[0] if terminated[i] or truncated[i] else final_obs[i]
+        return obs, reward, terminated, truncated, {"success": success, "final_info": {"success": success},
+                                                    "final_obs": final_obs}
 
     def pop_finished_episodes(self) -> list[dict]:
         """Return and clear the episodes completed since the last call, in completion order.
@@ -588,7 +614,9 @@ def evaluate(
         # every env finishes an episode at least every max_episode_steps steps
         for _ in range(k * env.max_episode_steps):
             actions = np.asarray(policy(obs), dtype=np.float32).reshape(env.n_tasks, env.action_dim)
-            obs, _, _, _, info = env.step(actions)
+            # a task with its k episodes is no longer simulated (the policy still sees every row: the same actions)
+            active = np.array([len(episodes[t]) < k for t in env.tasks]) if vector == "sync" else None
+            obs, _, _, _, info = env.step(actions, active)
             for rec in info["episode"]:
                 if len(episodes[rec["task"]]) < k:
                     episodes[rec["task"]].append(rec)

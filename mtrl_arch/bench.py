@@ -93,7 +93,8 @@ def machine() -> dict[str, Any]:
     except AttributeError:  # not on Linux
         usable = os.cpu_count()
     out = {"cpu": _cpu_model(), "logical_cpus": os.cpu_count(), "usable_cpus": usable,
-           "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+           "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+           "platform": platform.platform(),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     try:
         out["cpu_flags_bf16"] = "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()

@@ -327,8 +327,32 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"warning: {message}\n"
 
 
+def openmp_wait_policy(environ: dict, load: float, cpus: int) -> str | None:
+    """``PASSIVE`` for torch's OpenMP threads when the CPU is already busy (1-minute load average >= usable
+    CPUs) and the user set no ``OMP_WAIT_POLICY``; else None (libgomp's default: spin between parallel regions).
+
+    With more runnable threads than cores, a spinning thread burns its process's share while each parallel
+    region waits for the partner thread's next time slice: on the 2-core VM at load average 5-9 one SAC update
+    took 20-40x as long as with passive waits or one thread (benchmarks/results/benchmarks.md, "The main job's
+    minutes"). On an idle CPU spinning is what keeps back-to-back small ops fast, so it stays. The policy changes
+    no arithmetic, only how threads wait."""
+    if "OMP_WAIT_POLICY" in environ or load < cpus:
+        return None
+    return "PASSIVE"
+
+
+def _set_openmp_wait_policy() -> None:
+    """Apply :func:`openmp_wait_policy`; libgomp reads it once, when torch is first imported (nothing has yet)."""
+    if "torch" in sys.modules or not hasattr(os, "getloadavg"):
+        return
+    policy = openmp_wait_policy(os.environ, os.getloadavg()[0], len(os.sched_getaffinity(0)))
+    if policy is not None:
+        os.environ["OMP_WAIT_POLICY"] = policy
+
+
 def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line_warning  # a CLI user gets one line per warning, no source excerpt
+    _set_openmp_wait_policy()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value pairs may also follow flags (`train mt10_quick --no-progress seed=1`)

@@ -70,7 +70,7 @@ def versions() -> dict[str, str]:
 
 def machine() -> dict[str, Any]:
     info = {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -75,3 +75,18 @@ def test_configs_lists_every_shipped_config_with_its_description(capsys) -> None
         first = resolve_config_path(name).read_text().splitlines()[0]
         assert first.startswith("# ") and description.strip() == first[2:].strip() != "", name
         load_config(name)
+
+
+def test_openmp_waits_passively_on_a_busy_cpu_only(monkeypatch) -> None:
+    from mtrl_arch import cli
+
+    assert cli.openmp_wait_policy({}, load=2.0, cpus=2) == "PASSIVE"    # busy: as many runnable as cores
+    assert cli.openmp_wait_policy({}, load=7.5, cpus=2) == "PASSIVE"
+    assert cli.openmp_wait_policy({}, load=1.2, cpus=2) is None         # idle: libgomp's spinning default
+    assert cli.openmp_wait_policy({"OMP_WAIT_POLICY": "ACTIVE"}, load=9.0, cpus=2) is None  # the user's choice
+    # once torch is loaded libgomp has read its settings: the CLI leaves the environment alone
+    import torch  # noqa: F401
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setattr(cli.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    cli._set_openmp_wait_policy()
+    assert "OMP_WAIT_POLICY" not in cli.os.environ

@@ -219,6 +219,40 @@ def _run_episode(env, act, away_after_success=False):
     return rec
 
 
+def test_step_active_subset_matches_stepping_all(bench):
+    """Stepping a subset of the sub-envs gives those rows exactly what stepping every sub-env gives (across an
+    episode boundary, autoreset included); the others are left as they were and report nothing."""
+    tasks = ["reach-v3", "push-v3"]
+    actions = np.random.default_rng(2).uniform(-1, 1, size=(9, 2, 4)).astype(np.float32)
+    full = MetaWorldMT("MT10", tasks, seed=3, max_episode_steps=4, benchmark_obj=bench)
+    part = MetaWorldMT("MT10", tasks, seed=3, max_episode_steps=4, benchmark_obj=bench)
+    try:
+        full.reset(seed=5)
+        last = part.reset(seed=5)[1].copy()
+        only_reach = np.array([True, False])
+        for a in actions:
+            o_f, r_f, te_f, tr_f, i_f = full.step(a)
+            o_p, r_p, te_p, tr_p, i_p = part.step(a, only_reach)
+            np.testing.assert_array_equal(o_p[0], o_f[0])
+            np.testing.assert_array_equal(i_p["final_obs"][0], i_f["final_obs"][0])
+            assert (r_p[0], te_p[0], tr_p[0], i_p["success"][0]) == (r_f[0], te_f[0], tr_f[0], i_f["success"][0])
+            np.testing.assert_array_equal(o_p[1], last)  # push-v3 not simulated
+            assert r_p[1] == 0 and not te_p[1] and not tr_p[1]
+        ends = [r for r in part.pop_finished_episodes()]
+        assert [r["task"] for r in ends] == ["reach-v3", "reach-v3"]  # 9 steps of 4-step episodes
+        assert [r["return"] for r in ends] == [r["return"] for r in full.pop_finished_episodes() if r["task"] == "reach-v3"]
+    finally:
+        full.close()
+        part.close()
+    async_env = MetaWorldMT("MT10", tasks, seed=3, vector="async", max_episode_steps=4, benchmark_obj=bench)
+    try:
+        async_env.reset()
+        with pytest.raises(ValueError, match="vector='sync'"):
+            async_env.step(actions[0], only_reach)
+    finally:
+        async_env.close()
+
+
 def test_success_tracking_reach(bench):
     env = MetaWorldMT("MT10", ["reach-v3"], seed=0, max_episode_steps=150, benchmark_obj=bench)
     try:
@@ -255,6 +289,17 @@ def test_evaluate(bench):
                     max_episode_steps=30, benchmark_obj=bench)
     assert res0["success_rate"] == {"reach-v3": 0.0} and res0["mean_success_rate"] == 0.0
     assert all(r["length"] == 30 and r["truncated"] for r in res0["episodes"]["reach-v3"])
+
+
+def test_evaluate_stops_simulating_finished_tasks_without_changing_results(bench):
+    """reach-v3 ends its episodes at the first success, push-v3 runs them to the limit: the sync evaluation stops
+    stepping reach once it has its episodes, the async one steps it throughout; the episodes are the same."""
+    tasks = ["reach-v3", "push-v3"]
+    runs = {v: evaluate(scripted(tasks), "MT10", tasks, seed=0, episodes_per_task=3, max_episode_steps=60,
+                        benchmark_obj=bench, vector=v) for v in ("sync", "async")}
+    assert runs["sync"]["episodes"] == runs["async"]["episodes"]
+    reach, push = runs["sync"]["episodes"]["reach-v3"], runs["sync"]["episodes"]["push-v3"]
+    assert sum(r["length"] for r in reach) < sum(r["length"] for r in push)  # reach was done first
 
 
 def test_evaluation_goals_without_replacement(bench):
