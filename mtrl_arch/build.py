@@ -18,6 +18,12 @@ from .run import resolve_device, seed_everything, write_arch, write_run_info
 from .tree import Tree
 
 
+def train_episode_steps(cfg: Config) -> int | None:
+    """Training episodes' length (``env.train_episode_steps``, else ``env.max_episode_steps``; None: metaworld's);
+    evaluation keeps ``env.max_episode_steps``."""
+    return cfg.env.train_episode_steps or cfg.env.max_episode_steps or None
+
+
 def match_rl_widths(cfg: Config) -> None:
     """``model.match_params`` (actor) and ``agent.critic_match_params`` (critic, both members): one hidden width per
     network, keeping its depth, whose trunk under the network's fixed tree is closest to the target
@@ -75,7 +81,7 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
     found = find_resume(run_dir, lambda d: shared_state(d, MTSAC.RANK_LOCAL), trust_file) if resume else None
     # the same goals on every rank (env seed = run seed); each rank's episodes are seeded by RLRun
     env = MetaWorldMT(cfg.env.name, tasks, seed=cfg.seed, vector=cfg.env.vector,
-                      max_episode_steps=cfg.env.max_episode_steps or None, reward_version=cfg.env.reward_version)
+                      max_episode_steps=train_episode_steps(cfg), reward_version=cfg.env.reward_version)
     try:
         logger = None
         env_meta = env.metadata()
@@ -95,7 +101,7 @@ def train_rl(cfg: Config, run_dir: Path, resume: bool = False, progress: bool = 
                        learner.num_timesteps)
 
         evaluate_fn = lambda policy, k: evaluate(policy, cfg.env.name, tasks, cfg.seed, k,  # noqa: E731
-                                                 env.max_episode_steps, env.benchmark_obj, env.reward_version)
+                                                 cfg.env.max_episode_steps or None, env.benchmark_obj, env.reward_version)
         learner = RLRun(agent, env, on_arch if main else None, evaluate_fn if main else None)
         run = Run(learner, cfg, run_dir if main else None, logger, progress and main)
         agent.run = run  # SB3's verbs on the agent (num_timesteps, logger) read the run
@@ -142,7 +148,7 @@ def _train_sb3_stl(cfg: Config, run_dir: Path, tasks, device, resume: bool, prog
         write_run_info(run_dir, cfg, {"env": env_meta})
     steps = cfg.env.max_episode_steps or None
     learner = SB3Run(cfg, tasks, str(device),
-                     lambda task: make_task_env(cfg.env.name, task, cfg.seed, steps, cfg.env.reward_version),
+                     lambda task: make_task_env(cfg.env.name, task, cfg.seed, train_episode_steps(cfg), cfg.env.reward_version),
                      lambda policy, k: evaluate(policy, cfg.env.name, tasks, cfg.seed, k, steps, None,
                                                 cfg.env.reward_version, one_hot=False), trust_file)
     logger = None

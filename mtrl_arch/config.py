@@ -164,7 +164,8 @@ class EnvConfig:
     name: str = "MT10"                # MT10 | MT50
     tasks: list = field(default_factory=list)  # subset by name; empty: all
     vector: Literal["sync", "async"] = "sync"
-    max_episode_steps: int = 0        # 0: metaworld's default (500)
+    max_episode_steps: int = 0        # 0: metaworld's default (500); evaluation always runs episodes this long
+    train_episode_steps: int = 0      # training episodes only (more resets, more goals per env step); 0: max_episode_steps
     reward_version: str = "v2"
 
 
@@ -486,7 +487,8 @@ def validate(cfg: Config) -> None:
         "train.checkpoint_every_epochs": cfg.train.checkpoint_every_epochs, "arch.search_steps": cfg.arch.search_steps,
         "eval.every_env_steps": cfg.eval.every_env_steps, "eval.episodes_per_task": cfg.eval.episodes_per_task,
         "train.updates_per_step": cfg.train.updates_per_step,
-        "env.max_episode_steps": cfg.env.max_episode_steps, "train.threads": cfg.train.threads,
+        "env.max_episode_steps": cfg.env.max_episode_steps, "env.train_episode_steps": cfg.env.train_episode_steps,
+        "train.threads": cfg.train.threads,
     }
     for k, v in non_negative.items():
         if v < 0:

@@ -149,3 +149,17 @@ def test_per_network_methods_search_derive_and_retrain_through_the_cli(tmp_path)
     assert written["critic"] == {"method": "hps", "options": {}, "derive": "argmax", "derive_margin": 0.1,
                                  "max_params": 0, "min_params": 0}
     assert MTSAC.load(str(run_dir / "model.pt")).trees["critic"].method == "hps"
+
+
+def test_training_episodes_can_be_shorter_than_the_evaluations(tmp_path) -> None:
+    """env.train_episode_steps shortens the training episodes (the env the run records) while evaluation keeps
+    metaworld's 500 steps: a failed evaluation episode is 500 steps long, a success ends it early."""
+    run_dir = tmp_path / "short"
+    rc = main(["train", "mt10_hps", "env.tasks=[reach-v3]", "env.train_episode_steps=25", "train.total_env_steps=100",
+               "train.warmup_steps=50", "model.hidden=[16,16]", "eval.every_env_steps=0", "eval.final_episodes_per_task=1",
+               "wandb.mode=disabled", "train.report=false", f"run_dir={run_dir}", "--no-progress"])
+    assert rc == 0
+    env_meta = yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["env"]
+    assert env_meta["max_episode_steps"] == 25 and env_meta["metaworld_max_path_length"] == 500
+    final = [m for m in read_metrics(run_dir) if "eval/env_steps" in m][-1]
+    assert final["eval/env_steps"] == 500 or final["eval/success_rate/reach-v3"] == 1.0
