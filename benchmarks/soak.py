@@ -50,15 +50,17 @@ sys.path.insert(0, str(ROOT / "tests"))  # the run-comparison helpers tests/test
 from data_roots import data_overrides  # noqa: E402
 from run_compare import child_env, cli_command, compare_runs, pickle_benchmark  # noqa: E402
 
-ONE_THREAD = ["train.threads=1", "device=cpu", "wandb.mode=disabled", "run_dir=run"]
+# train.report=false: the end-of-train report (seconds at these sizes) would draw most moments after training
+ONE_THREAD = ["train.threads=1", "device=cpu", "wandb.mode=disabled", "train.report=false", "run_dir=run"]
 
 # CoNAL, a quarter update per vector step; checkpoints every 25 vector steps (mid-episode for odd multiples of 50
-# env steps); the search ends (derive, rebuild, fresh weights) at env step 160 of 400
+# env steps); the search ends (derive, rebuild, fresh weights) at env step 320 of 600, so that kills land in the
+# search after its first checkpoints as well as in the retrain
 RL = ["mt10_conal", "arch.conflict_noticed=false", "arch.options.lr=3e-3", "train.updates_per_step=0.25",
       "env.tasks=[reach-v3,push-v3]", "env.max_episode_steps=50", "model.hidden=[32,32]",
-      "train.total_env_steps=400", "train.warmup_steps=40", "train.checkpoint_every_env_steps=50", "train.log_every=40",
-      "eval.every_env_steps=200", "eval.episodes_per_task=1", "eval.final_episodes_per_task=1",
-      "arch.search_steps=80", "agent.batch_per_task=16", "agent.buffer_size=2000"]
+      "train.total_env_steps=600", "train.warmup_steps=40", "train.checkpoint_every_env_steps=50", "train.log_every=40",
+      "eval.every_env_steps=300", "eval.episodes_per_task=1", "eval.final_episodes_per_task=1",
+      "arch.search_steps=160", "agent.batch_per_task=16", "agent.buffer_size=2000"]
 # one SB3 SAC per task, 100 env steps each (learning after 25), a checkpoint every 50 env steps summed over tasks
 SB3 = ["mt10_stl_sb3", "env.tasks=[reach-v3,push-v3]", "env.max_episode_steps=50", "model.hidden=[32,32]",
        "train.total_env_steps=200", "train.warmup_steps=25", "train.checkpoint_every_env_steps=50",
@@ -67,11 +69,12 @@ SB3 = ["mt10_stl_sb3", "env.tasks=[reach-v3,push-v3]", "env.max_episode_steps=50
 
 
 def supervised_args(cache: Path) -> list[str]:
-    """CoNAL on Multi-Fashion+MNIST, LeNet width 4: 4 search steps, derive, 3 epochs of 4 batches (a checkpoint
-    after the search and after each epoch, an evaluation of 2 batches after each epoch)."""
+    """CoNAL on Multi-Fashion+MNIST, LeNet width 4, 64 training composites in batches of 8: 14 search steps (two
+    passes over the search's share, a checkpoint after each), derive, 3 epochs of 8 batches (a checkpoint and an
+    evaluation of 2 batches after each)."""
     return ["multi_fashion_mnist_conal", *data_overrides("mnist", "fashion_mnist"), f"data.options.cache_dir={cache}",
             "model.options.width=4", "train.batch_size=8", "eval.batch_size=64", "train.epochs=3",
-            "train.limit_batches=4", "eval.limit_batches=2", "arch.search_steps=4", "train.checkpoint_every_epochs=1",
+            "data.options.train_subset=64", "eval.limit_batches=2", "arch.search_steps=14", "train.checkpoint_every_epochs=1",
             "data.num_workers=0"]
 
 
