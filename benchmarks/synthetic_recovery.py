@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from mtrl_arch.errors import ConfigError
-from mtrl_arch.metrics import paired_bootstrap_ci
+from mtrl_arch.metrics import delta_m, paired_bootstrap_ci
 from mtrl_arch.search import make_method
 from mtrl_arch.search.derive import DeriveRule
 from mtrl_arch.search.random import Band, ConalSpace, ReconSpace
@@ -146,6 +146,9 @@ def controls(problems: int, searches: int, retrain_steps: int) -> dict:
                              "trunk_params": trunk_params(tree, sizes), "planted": network(tree) == planted,
                              "recovered": recovered(tree), "admissible": tree.derive.get("admissible"),
                              "losses": dict(zip(problem.tasks, losses)), "mean_loss": sum(losses) / len(losses)}
+            for v in rows.values():  # the mean loss is dominated by A's and B's scale; Delta_m weighs tasks alike
+                v["delta_m"] = delta_m(*({t: {"mse": x} for t, x in r["losses"].items()} for r in (v, rows["stl"])),
+                                       lower_is_better={"mse": True})
             runs.append({"problem_seed": ps, "search_seed": ss, "draw_seed": ps * searches + ss,
                          "seconds": time.time() - t0, "rows": rows})
             print(f"problem {ps} search {ss}: " + ", ".join(
@@ -165,16 +168,19 @@ def summarize(runs: list[dict]) -> dict:
         got = [r["rows"][row] for r in runs if row in r["rows"]]
         out[row] = {"n": len(got), "planted": sum(g["planted"] for g in got), "recovered": sum(g["recovered"] for g in got),
                     "admissible": got[0]["admissible"], "mean_loss": [g["mean_loss"] for g in got],
+                    "delta_m": [g["delta_m"] for g in got],
                     "losses": {t: [g["losses"][t] for g in got] for t in got[0]["losses"]}}
     return out
 
 
 def paired_diffs(runs: list[dict]) -> dict:
-    """Row minus row, per pair of seeds, on the mean held-out loss and each task's: mean and 95% bootstrap CI."""
+    """Row minus row, per pair of seeds, on the mean held-out loss, Delta_m and each task's loss: mean and 95%
+    bootstrap CI."""
     out = {}
     for a, b in DIFFS:
         pairs = [(r["rows"][a], r["rows"][b]) for r in runs if a in r["rows"] and b in r["rows"]]
-        keys = {"mean": lambda v: v["mean_loss"], **{t: (lambda v, t=t: v["losses"][t]) for t in pairs[0][0]["losses"]}}
+        keys = {"mean": lambda v: v["mean_loss"], "delta_m": lambda v: v["delta_m"],
+                **{t: (lambda v, t=t: v["losses"][t]) for t in pairs[0][0]["losses"]}}
         out[f"{a} - {b}"] = {k: dict(zip(("mean", "lo", "hi"), paired_bootstrap_ci([f(x) - f(y) for x, y in pairs])),
                                      n=len(pairs)) for k, f in keys.items()}
     return out
@@ -194,12 +200,18 @@ def controls_section(res: dict, vers: dict) -> str:
              + f" Every tree is retrained from scratch ({res['retrain']['steps']} Adam steps, lr "
              f"{res['retrain']['lr']}, batch {res['retrain']['batch_size']} per task, the same tied initial weights "
              "and batches for every tree of a pair); held-out MSE on 512 samples per task.", "",
-             "| row | planted tree hit | stage 0 right | mean loss | A | B | C |", "|---|---|---|---|---|---|---|"]
+             "Delta_m: the mean over tasks of the relative loss change against the pair's STL, in percent, positive "
+             "better (`mtrl_arch.metrics.delta_m`); it weighs the three tasks alike, where the mean loss is mostly A's "
+             "and B's.", "",
+             "| row | planted tree hit | stage 0 right | mean loss | Delta_m % vs STL | A | B | C |",
+             "|---|---|---|---|---|---|---|---|"]
     for row, r in s.items():
         lines.append(f"| {row} | {r['planted']} / {r['n']} | {r['recovered']} / {r['n']} | {mean_std(r['mean_loss'])} | "
+                     f"{mean_std(r['delta_m'], '+.1f')} | "
                      + " | ".join(mean_std(v) for v in r["losses"].values()) + " |")
-    lines += ["", "Paired by seed (row minus row, negative: the first is better), mean and 95% bootstrap CI:", "",
-              "| difference | mean loss | A | B | C |", "|---|---|---|---|---|"]
+    lines += ["", "Paired by seed (row minus row), mean and 95% bootstrap CI; losses: negative means the first row "
+              "is better; Delta_m: positive means the first row is better:", "",
+              "| difference | mean loss | Delta_m % | A | B | C |", "|---|---|---|---|---|---|"]
     for name, d in res["diffs"].items():
         lines.append(f"| {name} (n={d['mean']['n']}) | "
                      + " | ".join(f"{v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]" for v in d.values()) + " |")

@@ -175,7 +175,7 @@ class ConflictProblem(PerTaskRegression):
     def planted_tree(self) -> Tree:
         """The answer as one tree: A and B share every stage, C has its own from stage 0 (branch points [L, L, 0]).
 
-        Only stage 0 is argued; of the trees that get stage 0 right this is the smallest."""
+        Only stage 0 is argued; of CoNAL's branch-point trees that get it right this is the smallest."""
         points = [self.n_stages, self.n_stages, 0]
         return Tree.from_branch_points(self.tasks, self.n_stages, points, method="planted", meta={"branch_points": points})
 

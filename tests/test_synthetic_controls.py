@@ -68,7 +68,7 @@ def test_retrained_trees_c_learns_alone_where_private_and_pays_for_sharing() -> 
 
 def test_summaries_and_paired_differences_of_hand_made_runs() -> None:
     def row(a: float, b: float, c: float, planted: bool = False) -> dict:
-        return {"losses": {"A": a, "B": b, "C": c}, "mean_loss": (a + b + c) / 3, "planted": planted,
+        return {"losses": {"A": a, "B": b, "C": c}, "mean_loss": (a + b + c) / 3, "delta_m": -a, "planted": planted,
                 "recovered": planted, "admissible": None}
 
     runs = [{"rows": {"conal": row(1, 2, 3, True), "random": row(2, 2, 6), "hps": row(1, 2, 3), "planted": row(1, 2, 3, True)}},
@@ -80,6 +80,7 @@ def test_summaries_and_paired_differences_of_hand_made_runs() -> None:
     assert d["conal - random"]["A"]["mean"] == pytest.approx(-1.0)  # both pairs -1: the interval is a point
     assert d["conal - random"]["A"]["lo"] == pytest.approx(-1.0) == d["conal - random"]["A"]["hi"]
     assert d["conal - random"]["mean"]["mean"] == pytest.approx(-(4 / 3 + 4 / 3) / 2)
+    assert d["conal - random"]["delta_m"]["mean"] == pytest.approx(1.0)
     assert d["conal - hps"]["mean"]["mean"] == 0.0 and d["conal - planted"]["C"]["mean"] == pytest.approx(0.5)
     assert d["conal - random"]["B"]["n"] == 2 and set(d) == {f"{a} - {b}" for a, b in bench.DIFFS}
 
