@@ -65,9 +65,10 @@ ROWS = {
 
 CONTROL_ROW = "conal"      # the searched row the controls test
 RETRAIN = {"batch_size": 64, "lr": 3e-3}  # the problem's docstring table's settings (with 800 steps)
-BAND_LOW = 0.9             # random trees within [0.9 S, S], S the planted tree's trunk parameters
+BAND_LOW = 0.9             # random trees within [0.9 S, S], S the planted (or CoNAL's) tree's trunk parameters
+AT_CONAL = "random at CoNAL's size"
 # differences reported with a paired-by-seed bootstrap CI: (row, minus row)
-DIFFS = (("conal", "random"), ("conal", "hps"), ("conal", "planted"), ("random", "planted"))
+DIFFS = (("conal", "random"), ("conal", AT_CONAL), ("conal", "hps"), ("conal", "planted"), ("random", "planted"))
 
 
 def recovered(tree) -> bool:
@@ -107,7 +108,11 @@ def trunk_params(tree: Tree, sizes: list[int]) -> int:
 def planted_band(problem: ConflictProblem) -> tuple[Band, int]:
     """[ceil(0.9 S), S] and S: the planted tree's trunk parameters by random.py's cost function."""
     S = ConalSpace(problem.n_tasks, problem.spec().stage_params()).cost(problem.planted_tree().meta["branch_points"])
-    return Band(math.ceil(BAND_LOW * S), S), S
+    return size_band(S), S
+
+
+def size_band(S: int) -> Band:
+    return Band(math.ceil(BAND_LOW * S), S)
 
 
 def random_tree(problem: ConflictProblem, space: str, band: Band, seed: int) -> Tree | None:
@@ -121,9 +126,12 @@ def random_tree(problem: ConflictProblem, space: str, band: Band, seed: int) -> 
 
 
 def control_trees(problem: ConflictProblem, search_seed: int, draw_seed: int) -> dict[str, Tree | None]:
+    """The searched tree and its controls; random rows are None where their band admits no tree."""
     band, _ = planted_band(problem)
-    return {"conal": searched_tree(CONTROL_ROW, problem, search_seed),
-            "random": random_tree(problem, "conal", band, draw_seed),
+    conal = searched_tree(CONTROL_ROW, problem, search_seed)
+    conal_size = size_band(trunk_params(conal, problem.spec().stage_params()))
+    return {"conal": conal, "random": random_tree(problem, "conal", band, draw_seed),
+            AT_CONAL: random_tree(problem, "conal", conal_size, draw_seed),
             "random recon": random_tree(problem, "recon", band, draw_seed),
             "planted": problem.planted_tree(), "hps": Tree.hps(problem.tasks, problem.n_stages),
             "stl": Tree.stl(problem.tasks, problem.n_stages)}
@@ -135,6 +143,7 @@ def controls(problems: int, searches: int, retrain_steps: int) -> dict:
     for ps in range(problems):
         problem = ConflictProblem(seed=ps)
         sizes, planted = problem.spec().stage_params(), network(problem.planted_tree())
+        S = trunk_params(problem.planted_tree(), sizes)
         for ss in range(searches):
             t0, rows = time.time(), {}
             for row, tree in control_trees(problem, ss, draw_seed=ps * searches + ss).items():
@@ -145,6 +154,7 @@ def controls(problems: int, searches: int, retrain_steps: int) -> dict:
                 rows[row] = {"tree": tree_code(tree), "groups": " | ".join(map(grouping, tree.stages)),
                              "trunk_params": trunk_params(tree, sizes), "planted": network(tree) == planted,
                              "recovered": recovered(tree), "admissible": tree.derive.get("admissible"),
+                             "chance": chance_of_planted(tree, S),
                              "losses": dict(zip(problem.tasks, losses)), "mean_loss": sum(losses) / len(losses)}
             for v in rows.values():  # the mean loss is dominated by A's and B's scale; Delta_m weighs tasks alike
                 v["delta_m"] = delta_m(*({t: {"mse": x} for t, x in r["losses"].items()} for r in (v, rows["stl"])),
@@ -162,13 +172,22 @@ def controls(problems: int, searches: int, retrain_steps: int) -> dict:
             "runs": runs}
 
 
+def chance_of_planted(tree: Tree, planted_params: int) -> float | None:
+    """A random tree's probability of being the planted one (1 / admissible when its band holds the planted
+    tree's size, else 0); None for a tree that was not drawn."""
+    if "admissible" not in tree.derive:
+        return None
+    return 1.0 / tree.derive["admissible"] if planted_params in Band(*tree.derive["band"]) else 0.0
+
+
 def summarize(runs: list[dict]) -> dict:
     out: dict = {}
     for row in runs[0]["rows"]:
         got = [r["rows"][row] for r in runs if row in r["rows"]]
         out[row] = {"n": len(got), "planted": sum(g["planted"] for g in got), "recovered": sum(g["recovered"] for g in got),
                     "admissible": got[0]["admissible"], "mean_loss": [g["mean_loss"] for g in got],
-                    "delta_m": [g["delta_m"] for g in got],
+                    "delta_m": [g["delta_m"] for g in got], "trunk_params": [g["trunk_params"] for g in got],
+                    "expected_hits": None if got[0]["chance"] is None else sum(g["chance"] for g in got),
                     "losses": {t: [g["losses"][t] for g in got] for t in got[0]["losses"]}}
     return out
 
@@ -179,6 +198,8 @@ def paired_diffs(runs: list[dict]) -> dict:
     out = {}
     for a, b in DIFFS:
         pairs = [(r["rows"][a], r["rows"][b]) for r in runs if a in r["rows"] and b in r["rows"]]
+        if not pairs:  # a row whose band never admitted a tree
+            continue
         keys = {"mean": lambda v: v["mean_loss"], "delta_m": lambda v: v["delta_m"],
                 **{t: (lambda v, t=t: v["losses"][t]) for t in pairs[0][0]["losses"]}}
         out[f"{a} - {b}"] = {k: dict(zip(("mean", "lo", "hi"), paired_bootstrap_ci([f(x) - f(y) for x, y in pairs])),
@@ -188,13 +209,16 @@ def paired_diffs(runs: list[dict]) -> dict:
 
 def controls_section(res: dict, vers: dict) -> str:
     s, band = res["summary"], res["band"]
-    chance = s["random"]["admissible"]
+    n_adm = s["random"]["admissible"]
     lines = ["## Against random trees of the planted size", "",
              f"{res['problems']} problem seeds x {res['searches']} search seeds. The planted tree (A and B share every "
              f"stage, C its own from stage 0: branch points [3, 3, 0]) has {res['planted_trunk_params']} trunk "
              f"parameters; random trees are drawn (`arch.method=random`) from CoNAL's space within "
-             f"[{band[0]}, {band[1]}], where {chance} trees are admissible: a random draw hits the planted tree with "
-             f"probability 1/{chance} = {1 / chance:.3f}. "
+             f"[{band[0]}, {band[1]}], where {n_adm} trees are admissible: a random draw hits the planted tree with "
+             f"probability 1/{n_adm} = {1 / n_adm:.3f}. The row '{AT_CONAL}' draws within [0.9 S_c, S_c], S_c the "
+             "trunk of that pair's CoNAL tree (issue 23's control for a searched tree; its admissible count varies by "
+             "pair, and it can hit the planted tree only where CoNAL's tree has the planted size). In brackets: the "
+             "hits expected by chance (the sum over pairs of 1 / admissible where the band holds the planted size). "
              + (f"Recon's space: {s['random recon']['admissible']} admissible trees." if "random recon" in s else
                 f"Recon's space has no tree in that band (its trunks: {res['recon_trunks']}), so it has no row.")
              + f" Every tree is retrained from scratch ({res['retrain']['steps']} Adam steps, lr "
@@ -203,10 +227,13 @@ def controls_section(res: dict, vers: dict) -> str:
              "Delta_m: the mean over tasks of the relative loss change against the pair's STL, in percent, positive "
              "better (`mtrl_arch.metrics.delta_m`); it weighs the three tasks alike, where the mean loss is mostly A's "
              "and B's.", "",
-             "| row | planted tree hit | stage 0 right | mean loss | Delta_m % vs STL | A | B | C |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | trunk params | planted tree hit (by chance) | stage 0 right | mean loss | Delta_m % vs STL | A | B | C |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row, r in s.items():
-        lines.append(f"| {row} | {r['planted']} / {r['n']} | {r['recovered']} / {r['n']} | {mean_std(r['mean_loss'])} | "
+        size = f"{min(r['trunk_params'])}" + (f"-{max(r['trunk_params'])}" if len(set(r["trunk_params"])) > 1 else "")
+        chance = "" if r["expected_hits"] is None else f" ({r['expected_hits']:.1f})"
+        lines.append(f"| {row} | {size} | {r['planted']} / {r['n']}{chance} | {r['recovered']} / {r['n']} | "
+                     f"{mean_std(r['mean_loss'])} | "
                      f"{mean_std(r['delta_m'], '+.1f')} | "
                      + " | ".join(mean_std(v) for v in r["losses"].values()) + " |")
     lines += ["", "Paired by seed (row minus row), mean and 95% bootstrap CI; losses: negative means the first row "

@@ -46,9 +46,13 @@ def test_random_rows_draw_inside_the_band_and_recon_has_none() -> None:
     for seed in range(60):
         tree = bench.random_tree(problem, "conal", band, seed)
         assert bench.trunk_params(tree, [72] * 3) in band and tree.derive["admissible"] == 6
+        assert bench.chance_of_planted(tree, 432) == pytest.approx(1 / 6)
         hits += bench.network(tree) == planted
     assert 0 < hits < 30  # about 1 in 6 (10 expected)
     assert bench.random_tree(problem, "recon", band, 0) is None  # Recon's trunks: 216, 360, 504, 648
+    everything = bench.random_tree(problem, "conal", bench.size_band(648), 0)  # STL's size: [584, 648] holds STL only
+    assert everything.derive["admissible"] == 1 and bench.network(everything) == bench.network(Tree.stl(problem.tasks, 3))
+    assert bench.chance_of_planted(everything, 432) == 0.0 and bench.chance_of_planted(problem.planted_tree(), 432) is None
 
 
 def test_retrained_trees_c_learns_alone_where_private_and_pays_for_sharing() -> None:
@@ -69,7 +73,7 @@ def test_retrained_trees_c_learns_alone_where_private_and_pays_for_sharing() -> 
 def test_summaries_and_paired_differences_of_hand_made_runs() -> None:
     def row(a: float, b: float, c: float, planted: bool = False) -> dict:
         return {"losses": {"A": a, "B": b, "C": c}, "mean_loss": (a + b + c) / 3, "delta_m": -a, "planted": planted,
-                "recovered": planted, "admissible": None}
+                "recovered": planted, "admissible": None, "trunk_params": 432, "chance": None}
 
     runs = [{"rows": {"conal": row(1, 2, 3, True), "random": row(2, 2, 6), "hps": row(1, 2, 3), "planted": row(1, 2, 3, True)}},
             {"rows": {"conal": row(2, 2, 2), "random": row(3, 2, 5), "hps": row(2, 2, 2), "planted": row(1, 1, 1, True)}}]
@@ -82,7 +86,7 @@ def test_summaries_and_paired_differences_of_hand_made_runs() -> None:
     assert d["conal - random"]["mean"]["mean"] == pytest.approx(-(4 / 3 + 4 / 3) / 2)
     assert d["conal - random"]["delta_m"]["mean"] == pytest.approx(1.0)
     assert d["conal - hps"]["mean"]["mean"] == 0.0 and d["conal - planted"]["C"]["mean"] == pytest.approx(0.5)
-    assert d["conal - random"]["B"]["n"] == 2 and set(d) == {f"{a} - {b}" for a, b in bench.DIFFS}
+    assert d["conal - random"]["B"]["n"] == 2 and set(d) == {f"{a} - {b}" for a, b in bench.DIFFS if bench.AT_CONAL not in (a, b)}
 
 
 def test_write_section_replaces_its_own_heading_and_keeps_the_others(tmp_path: Path) -> None:
