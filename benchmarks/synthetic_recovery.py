@@ -241,12 +241,16 @@ def controls_section(res: dict, vers: dict) -> str:
               "| difference | mean loss | Delta_m % | A | B | C |", "|---|---|---|---|---|---|"]
     for name, d in res["diffs"].items():
         lines.append(f"| {name} (n={d['mean']['n']}) | "
-                     + " | ".join(f"{v['mean']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]" for v in d.values()) + " |")
+                     + " | ".join(ci(v, "+.1f" if k == "delta_m" else "+.4f") for k, v in d.items()) + " |")
     lines += ["", f"Machine: {platform.processor() or platform.machine()}, one torch thread, shared CPU. Versions: "
               + ", ".join(f"{k} {v}" for k, v in vers.items()) + f", Python {platform.python_version()}.",
               f"Command: `python benchmarks/synthetic_recovery.py --controls --problems {res['problems']} --searches "
               f"{res['searches']} --retrain-steps {res['retrain']['steps']}`."]
     return "\n".join(lines) + "\n"
+
+
+def ci(v: dict, fmt: str) -> str:
+    return f"{v['mean']:{fmt}} [{v['lo']:{fmt}}, {v['hi']:{fmt}}]"
 
 
 def write_section(path: Path, section: str) -> None:
