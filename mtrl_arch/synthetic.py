@@ -70,8 +70,9 @@ import torch
 from torch import Tensor, nn
 
 from .search.base import ArchMethod, TrunkSpec
-from .steps import search_step, weight_parameters
-from .trunk import TiedStage, linear_stage
+from .steps import search_step, weight_parameters, weight_step
+from .tree import Tree
+from .trunk import TiedStage, Trunk, linear_stage
 from .update import GradientCombiner
 
 TASKS = ("A", "B", "C")
@@ -171,6 +172,13 @@ class ConflictProblem(PerTaskRegression):
     def n_tasks(self) -> int:
         return 3
 
+    def planted_tree(self) -> Tree:
+        """The answer as one tree: A and B share every stage, C has its own from stage 0 (branch points [L, L, 0]).
+
+        Only stage 0 is argued; of CoNAL's branch-point trees that get it right this is the smallest."""
+        points = [self.n_stages, self.n_stages, 0]
+        return Tree.from_branch_points(self.tasks, self.n_stages, points, method="planted", meta={"branch_points": points})
+
     def __post_init__(self) -> None:
         if not self.d // 2 < self.k <= self.d:
             raise ValueError(f"need d/2 < k <= d for the conflict to exist, got d={self.d}, k={self.k}")
@@ -259,6 +267,28 @@ def run_search(method: ArchMethod, problem: PerTaskRegression, steps: int = 1000
     train, val = problem.batches("train", batch_size, g), problem.batches("val", val_batch_size, g)
     for step in range(steps):
         search_step(method, net, next(train), next(val), problem.losses, combiner, opt, step)
+    return net
+
+
+def train_tree(tree: Tree, problem: PerTaskRegression, steps: int = 800, batch_size: int = 64, lr: float = 3e-3,
+               seed: int = 0) -> nn.Module:
+    """Retrain a fixed tree from scratch on the training sets; evaluate it with ``problem.evaluate``.
+
+    Every tree starts from the problem's tied templates (the same weights for every copy of a
+    stage, the same for every tree) and sees the same batches for a given ``seed``, so trees
+    are compared on their structure alone: a task whose modules are all its own follows the
+    same path in any tree (equal weighting sums the per-task losses, and Adam is elementwise).
+    """
+    spec = problem.spec()
+    torch.manual_seed(seed)
+    net = Trunk(tree, spec.stages, spec.heads)
+    from .weighting import make_weighting
+
+    combiner = GradientCombiner(make_weighting("ew", n_tasks=len(problem.tasks)))
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    train = problem.batches("train", batch_size, torch.Generator().manual_seed(seed))
+    for step in range(steps):
+        weight_step(net, next(train), problem.losses, combiner, opt, step)
     return net
 
 
